@@ -1,0 +1,1 @@
+"""The .mbz container codec (numpy and bitarray only; never imports torch)."""

@@ -1,0 +1,77 @@
+"""Every number and name of the .mbz container, shared by the reader, the writer and the runtime.
+
+SPEC.md is the normative text; this module is its one machine-readable copy.
+"""
+
+from enum import IntEnum
+
+MAGIC = b"\x89MBZ\r\n\x1a\n"
+VERSION_MAJOR = 1
+VERSION_MINOR = 0
+
+HEADER_SIZE = 64
+SECTION_ENTRY_SIZE = 32
+DEFAULT_ALIGNMENT = 64
+KNOWN_FLAGS = 0  # v1.0 defines no flag bits: any set bit is rejected.
+
+# Limits a reader enforces before it allocates anything.
+MAX_SECTIONS = 65_536
+MAX_METADATA_BYTES = 16 * 1024 * 1024
+MAX_RANK = 8
+MAX_ELEMENTS = 1 << 31
+MAX_ALIGNMENT = 4096
+MAX_CODEBOOK = 256
+MIN_BITS = 1
+MAX_BITS = 8
+
+
+class SectionKind(IntEnum):
+    """What a section holds."""
+
+    METADATA = 1  # canonical JSON, exactly one, always section 0
+    TENSOR = 2  # the parts of one tensor, named by the metadata's tensor table
+
+
+class Encoding(IntEnum):
+    """How a tensor's values are stored. The registry in ``encodings`` has one codec per id."""
+
+    F32 = 1
+    F16 = 2
+    CODEBOOK = 3
+    UNIFORM = 4
+
+
+class Sparsity(IntEnum):
+    """How the positions of the stored (non-zero) values of a pruned tensor are recorded."""
+
+    NONE = 0
+    BITMAP = 1
+    CSR = 2
+
+
+class Entropy(IntEnum):
+    """How an integer index stream (codebook indices, uniform codes) is stored."""
+
+    FIXED = 0  # bit-packed at ``bits`` bits per value
+    HUFFMAN = 1  # canonical Huffman code, code lengths stored
+
+
+ENCODING_NAMES = {e: e.name.lower() for e in Encoding}
+SPARSITY_NAMES = {s: s.name.lower() for s in Sparsity}
+ENTROPY_NAMES = {e: e.name.lower() for e in Entropy}
+
+# Graph operators the runtime executes (SPEC.md, "The graph"). Each maps to the parameter
+# tensors it names and the attributes it requires.
+GRAPH_OPS: dict[str, dict[str, tuple[str, ...]]] = {
+    "conv2d": {"params": ("weight", "bias"), "attrs": ("stride", "padding", "dilation", "groups")},
+    "linear": {"params": ("weight", "bias"), "attrs": ()},
+    "batchnorm": {"params": ("scale", "shift"), "attrs": ()},
+    "relu": {"params": (), "attrs": ()},
+    "relu6": {"params": (), "attrs": ()},
+    "add": {"params": (), "attrs": ()},
+    "avgpool2d": {"params": (), "attrs": ("kernel", "stride", "padding")},
+    "maxpool2d": {"params": (), "attrs": ("kernel", "stride", "padding")},
+    "global_avgpool": {"params": (), "attrs": ()},
+    "flatten": {"params": (), "attrs": ()},
+    "quantize": {"params": (), "attrs": ("bits", "scale", "zero_point")},
+}
