@@ -1,1 +1,29 @@
-"""The .mbz container codec (numpy and bitarray only; never imports torch)."""
+"""The .mbz container codec (numpy and bitarray only; never imports torch).
+
+Writer: ``write_mbz`` / ``encode_mbz``; reader: ``read_mbz`` / ``decode_mbz``; the tensor objects
+both sides use: ``DenseTensor``, ``CodebookTensor``, ``UniformTensor``. SPEC.md is normative.
+"""
+
+from .constants import Encoding, Entropy, SectionKind, Sparsity
+from .container import Layout, MbzFile, SectionInfo, decode_mbz, encode_mbz, read_mbz, write_mbz
+from .errors import MbzFormatError
+from .tensors import CodebookTensor, DenseTensor, Tensor, UniformTensor
+
+__all__ = [
+    "CodebookTensor",
+    "DenseTensor",
+    "Encoding",
+    "Entropy",
+    "Layout",
+    "MbzFile",
+    "MbzFormatError",
+    "SectionInfo",
+    "SectionKind",
+    "Sparsity",
+    "Tensor",
+    "UniformTensor",
+    "decode_mbz",
+    "encode_mbz",
+    "read_mbz",
+    "write_mbz",
+]

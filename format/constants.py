@@ -18,7 +18,7 @@ KNOWN_FLAGS = 0  # v1.0 defines no flag bits: any set bit is rejected.
 MAX_SECTIONS = 65_536
 MAX_METADATA_BYTES = 16 * 1024 * 1024
 MAX_RANK = 8
-MAX_ELEMENTS = 1 << 31
+MAX_ELEMENTS = 1 << 28  # per tensor: 1 GiB once decoded to float32
 MAX_ALIGNMENT = 4096
 MAX_CODEBOOK = 256
 MIN_BITS = 1
@@ -75,3 +75,39 @@ GRAPH_OPS: dict[str, dict[str, tuple[str, ...]]] = {
     "flatten": {"params": (), "attrs": ()},
     "quantize": {"params": (), "attrs": ("bits", "scale", "zero_point")},
 }
+
+# Binary layout (struct formats, little-endian). The table CRC covers the header's first
+# TABLE_CRC_HEADER_BYTES bytes (everything before the CRC field) followed by the whole table.
+HEADER_FORMAT = "<8sHHIQII32s"  # magic, major, minor, flags, file_size, count, table_crc, reserved
+SECTION_ENTRY_FORMAT = "<IIQQII"  # kind, alignment, offset, length, crc32, reserved
+TABLE_CRC_HEADER_BYTES = 28
+RESERVED_HEADER_OFFSET = 32
+
+# More limits (SPEC.md section 4).
+MAX_JSON_DEPTH = 64
+MAX_NAME_BYTES = 1024
+MAX_HUFFMAN_CODE_LENGTH = 16
+MIN_CSR_BITS = 1
+MAX_CSR_BITS = 8
+MAX_DECLARED_INT = (1 << 63) - 1  # any integer in a tensor descriptor
+
+# Tensor descriptor keys (SPEC.md section 3): always present, and per encoding / sparsity.
+DESCRIPTOR_KEYS = ("encoding", "nnz", "parts", "section", "shape", "sparsity")
+ENCODING_KEYS: dict[Encoding, tuple[str, ...]] = {
+    Encoding.F32: (),
+    Encoding.F16: (),
+    Encoding.CODEBOOK: ("bits", "entropy", "k"),
+    Encoding.UNIFORM: ("axis", "bits", "entropy"),
+}
+CSR_KEYS = ("csr_bits", "csr_entries")
+
+# Part names, in the order they appear in a tensor section (SPEC.md section 3).
+PART_VALUES = "values"
+PART_CODEBOOK = "codebook"
+PART_SCALE = "scale"
+PART_ZERO_POINT = "zero_point"
+PART_CODE_LENGTHS = "code_lengths"
+PART_INDICES = "indices"
+PART_QDATA = "qdata"
+PART_MASK = "mask"
+PART_GAPS = "gaps"

@@ -1,0 +1,212 @@
+"""The registry: one codec per encoding id, each an encoder and a numpy decoder (SPEC.md 3.3).
+
+Encoders take a validated tensor and the flat keep-mask (None when not sparse) and return the
+descriptor fields and the parts' bytes in file order. Decoders take a validated descriptor and the
+parts' bytes and rebuild the tensor, checking every value against the descriptor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bits import pack_bits, packed_size, unpack_bits
+from .constants import (
+    PART_CODE_LENGTHS,
+    PART_CODEBOOK,
+    PART_INDICES,
+    PART_QDATA,
+    PART_SCALE,
+    PART_VALUES,
+    PART_ZERO_POINT,
+    Encoding,
+    Entropy,
+)
+from .descriptor import Descriptor
+from .errors import MbzFormatError
+from .huffman import check_lengths, code_lengths, huffman_decode, huffman_encode
+from .tensors import CodebookTensor, DenseTensor, Tensor, UniformTensor
+
+Parts = list[tuple[str, bytes]]
+PartSizes = list[tuple[str, int | None]]  # None: a variable-length (Huffman) stream
+
+
+@dataclass(frozen=True)
+class DenseCodec:
+    """f32 / f16: the kept values, little-endian IEEE 754."""
+
+    encoding: Encoding
+    dtype: str
+
+    def encode(self, tensor: DenseTensor, keep: np.ndarray | None) -> tuple[dict, Parts]:
+        """Descriptor fields and parts of a dense tensor."""
+        kept = _kept(tensor.values, keep)
+        return {}, [(PART_VALUES, kept.astype(self.dtype).tobytes())]
+
+    def part_sizes(self, desc: Descriptor) -> PartSizes:
+        """The parts a descriptor implies, with their exact lengths."""
+        return [(PART_VALUES, desc.nnz * np.dtype(self.dtype).itemsize)]
+
+    def decode(self, desc: Descriptor, parts: dict, keep: np.ndarray | None) -> DenseTensor:
+        """Rebuild the tensor from its parts."""
+        kept = np.frombuffer(parts[PART_VALUES], self.dtype).astype(self.dtype[1:])
+        return DenseTensor(values=_scatter(kept, desc, keep), mask=_full_mask(desc, keep))
+
+
+@dataclass(frozen=True)
+class CodebookCodec:
+    """codebook: k float32 centroids, then the index stream (fixed width or Huffman)."""
+
+    encoding: Encoding = Encoding.CODEBOOK
+
+    def encode(self, tensor: CodebookTensor, keep: np.ndarray | None) -> tuple[dict, Parts]:
+        """Descriptor fields and parts of a codebook tensor."""
+        entropy, stream = encode_stream(
+            _kept(tensor.indices, keep), tensor.bits, tensor.entropy, PART_INDICES
+        )
+        parts = [(PART_CODEBOOK, tensor.codebook.astype("<f4").tobytes()), *stream]
+        return {"bits": tensor.bits, "k": tensor.codebook.size, "entropy": entropy}, parts
+
+    def part_sizes(self, desc: Descriptor) -> PartSizes:
+        """The parts a descriptor implies, with their exact lengths."""
+        return [(PART_CODEBOOK, 4 * desc.k), *stream_sizes(desc, PART_INDICES)]
+
+    def decode(self, desc: Descriptor, parts: dict, keep: np.ndarray | None) -> CodebookTensor:
+        """Rebuild the tensor from its parts."""
+        codebook = np.frombuffer(parts[PART_CODEBOOK], "<f4").astype(np.float32)
+        if not np.isfinite(codebook).all():
+            raise MbzFormatError("codebook holds a NaN or infinity")
+        indices = decode_stream(desc, parts, PART_INDICES, desc.k)
+        return CodebookTensor(
+            codebook=codebook,
+            indices=_scatter(indices, desc, keep),
+            bits=desc.bits,
+            mask=_full_mask(desc, keep),
+            entropy=desc.entropy,
+        )
+
+
+@dataclass(frozen=True)
+class UniformCodec:
+    """uniform: C float32 scales, C uint8 zero points, then the code stream."""
+
+    encoding: Encoding = Encoding.UNIFORM
+
+    def encode(self, tensor: UniformTensor, keep: np.ndarray | None) -> tuple[dict, Parts]:
+        """Descriptor fields and parts of a uniform tensor."""
+        entropy, stream = encode_stream(
+            _kept(tensor.qdata, keep), tensor.bits, tensor.entropy, PART_QDATA
+        )
+        parts = [
+            (PART_SCALE, tensor.scale.astype("<f4").tobytes()),
+            (PART_ZERO_POINT, tensor.zero_point.tobytes()),
+            *stream,
+        ]
+        return {"bits": tensor.bits, "axis": tensor.axis, "entropy": entropy}, parts
+
+    def part_sizes(self, desc: Descriptor) -> PartSizes:
+        """The parts a descriptor implies, with their exact lengths."""
+        channels = _channels(desc)
+        return [
+            (PART_SCALE, 4 * channels),
+            (PART_ZERO_POINT, channels),
+            *stream_sizes(desc, PART_QDATA),
+        ]
+
+    def decode(self, desc: Descriptor, parts: dict, keep: np.ndarray | None) -> UniformTensor:
+        """Rebuild the tensor from its parts."""
+        scale = np.frombuffer(parts[PART_SCALE], "<f4").astype(np.float32)
+        if not (np.isfinite(scale) & (scale > 0)).all():
+            raise MbzFormatError("a scale is not finite and > 0")
+        zero_point = np.frombuffer(parts[PART_ZERO_POINT], np.uint8).copy()
+        if zero_point.max(initial=0) >= 2**desc.bits:
+            raise MbzFormatError(f"a zero point is >= 2**bits = {2**desc.bits}")
+        qdata = decode_stream(desc, parts, PART_QDATA, 2**desc.bits)
+        return UniformTensor(
+            qdata=_scatter(qdata, desc, keep),
+            scale=scale,
+            zero_point=zero_point,
+            bits=desc.bits,
+            axis=desc.axis,
+            mask=_full_mask(desc, keep),
+            entropy=desc.entropy,
+        )
+
+
+Codec = DenseCodec | CodebookCodec | UniformCodec
+
+CODECS: dict[Encoding, Codec] = {
+    Encoding.F32: DenseCodec(Encoding.F32, "<f4"),
+    Encoding.F16: DenseCodec(Encoding.F16, "<f2"),
+    Encoding.CODEBOOK: CodebookCodec(),
+    Encoding.UNIFORM: UniformCodec(),
+}
+
+
+def encoding_of(tensor: Tensor) -> Encoding:
+    """The encoding id the writer uses for a (validated) tensor object."""
+    if isinstance(tensor, CodebookTensor):
+        return Encoding.CODEBOOK
+    if isinstance(tensor, UniformTensor):
+        return Encoding.UNIFORM
+    return Encoding.F16 if tensor.values.dtype == np.float16 else Encoding.F32
+
+
+def encode_stream(
+    values: np.ndarray, bits: int, entropy: Entropy | None, part: str
+) -> tuple[Entropy, Parts]:
+    """An index stream as parts: fixed-width, Huffman, or (entropy None) whichever is smaller."""
+    fixed = [(part, pack_bits(values, bits))]
+    if entropy == Entropy.FIXED:
+        return Entropy.FIXED, fixed
+    lengths = code_lengths(values, 2**bits)
+    coded = [(PART_CODE_LENGTHS, lengths.tobytes()), (part, huffman_encode(values, lengths))]
+    if entropy is None and _size(fixed) <= _size(coded):
+        return Entropy.FIXED, fixed
+    return Entropy.HUFFMAN, coded
+
+
+def stream_sizes(desc: Descriptor, part: str) -> PartSizes:
+    """The parts of an index stream (a Huffman stream's length is variable)."""
+    if desc.entropy == Entropy.FIXED:
+        return [(part, packed_size(desc.nnz, desc.bits))]
+    return [(PART_CODE_LENGTHS, 2**desc.bits), (part, None)]
+
+
+def decode_stream(desc: Descriptor, parts: dict, part: str, alphabet: int) -> np.ndarray:
+    """The ``nnz`` stored symbols of an index stream, each checked to be < ``alphabet``."""
+    if desc.entropy == Entropy.FIXED:
+        values = unpack_bits(parts[part], desc.nnz, desc.bits)
+    else:
+        lengths = np.frombuffer(parts[PART_CODE_LENGTHS], np.uint8)
+        check_lengths(lengths, desc.nnz, alphabet)
+        values = huffman_decode(parts[part], lengths, desc.nnz)
+    if values.max(initial=0) >= alphabet:
+        raise MbzFormatError(f"part {part!r}: a value is >= {alphabet}")
+    return values
+
+
+def _size(parts: Parts) -> int:
+    return sum(len(data) for _, data in parts)
+
+
+def _channels(desc: Descriptor) -> int:
+    return 1 if desc.axis is None else desc.shape[desc.axis]
+
+
+def _kept(array: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    flat = np.ascontiguousarray(array).ravel()
+    return flat if keep is None else flat[keep]
+
+
+def _scatter(kept: np.ndarray, desc: Descriptor, keep: np.ndarray | None) -> np.ndarray:
+    if keep is None:
+        return kept.reshape(desc.shape)
+    full = np.zeros(desc.count, kept.dtype)
+    full[keep] = kept
+    return full.reshape(desc.shape)
+
+
+def _full_mask(desc: Descriptor, keep: np.ndarray | None) -> np.ndarray | None:
+    return None if keep is None else keep.reshape(desc.shape)

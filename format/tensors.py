@@ -1,0 +1,173 @@
+"""The tensor classes the writer takes and the reader returns (SPEC.md section 3).
+
+``validate()`` raises ValueError/TypeError when a tensor cannot be written; ``decode()`` gives
+the float32 array the file means, exactly 0.0 wherever the mask is False.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .constants import MAX_BITS, MAX_CODEBOOK, MIN_BITS, Entropy
+
+
+@dataclass(eq=False)
+class DenseTensor:
+    """Plain floats: float32 values are stored as f32, float16 values as f16."""
+
+    values: np.ndarray
+    mask: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensor's full shape."""
+        return tuple(int(d) for d in self.values.shape)
+
+    def validate(self) -> None:
+        """Raise if this tensor cannot be written."""
+        _check_array("values", self.values, (np.float32, np.float16))
+        _check_mask(self.mask, self.shape)
+
+    def decode(self) -> np.ndarray:
+        """The float32 array (0.0 at pruned positions)."""
+        return _apply_mask(self.values.astype(np.float32), self.mask)
+
+
+@dataclass(eq=False)
+class CodebookTensor:
+    """Shared-weight (k-means) codes: ``decode() = codebook[indices]``."""
+
+    codebook: np.ndarray
+    indices: np.ndarray
+    bits: int
+    mask: np.ndarray | None = None
+    entropy: Entropy | None = Entropy.FIXED
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensor's full shape."""
+        return tuple(int(d) for d in self.indices.shape)
+
+    def validate(self) -> None:
+        """Raise if this tensor cannot be written."""
+        _check_bits(self.bits)
+        _check_entropy(self.entropy)
+        _check_array("codebook", self.codebook, (np.float32,), ndim=1)
+        _check_array("indices", self.indices, (np.uint8,))
+        _check_mask(self.mask, self.shape)
+        k = self.codebook.size
+        if not 1 <= k <= min(MAX_CODEBOOK, 2**self.bits):
+            raise ValueError(
+                f"codebook has {k} entries; needs 1..{min(MAX_CODEBOOK, 2**self.bits)}"
+            )
+        if not np.isfinite(self.codebook).all():
+            raise ValueError("codebook entries must be finite")
+        if _kept(self.indices, self.mask).max(initial=0) >= k:
+            raise ValueError(f"an index is >= k = {k}")
+
+    def decode(self) -> np.ndarray:
+        """The float32 array (0.0 at pruned positions)."""
+        safe = _kept_or_zero(self.indices, self.mask)
+        return _apply_mask(self.codebook.astype(np.float32)[safe], self.mask)
+
+
+@dataclass(eq=False)
+class UniformTensor:
+    """Integer codes with DequantizeLinear semantics: ``(float32(q) - zero_point) * scale``."""
+
+    qdata: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    bits: int
+    axis: int | None = None
+    mask: np.ndarray | None = None
+    entropy: Entropy | None = Entropy.FIXED
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensor's full shape."""
+        return tuple(int(d) for d in self.qdata.shape)
+
+    @property
+    def channels(self) -> int:
+        """Number of (scale, zero_point) pairs: 1 per tensor, ``shape[axis]`` per channel."""
+        return 1 if self.axis is None else self.shape[self.axis]
+
+    def validate(self) -> None:
+        """Raise if this tensor cannot be written."""
+        _check_bits(self.bits)
+        _check_entropy(self.entropy)
+        _check_array("qdata", self.qdata, (np.uint8,))
+        _check_mask(self.mask, self.shape)
+        if self.axis is not None and not (
+            isinstance(self.axis, int) and 0 <= self.axis < self.qdata.ndim
+        ):
+            raise ValueError(f"axis {self.axis!r} is not None or in [0, {self.qdata.ndim})")
+        _check_array("scale", self.scale, (np.float32,), shape=(self.channels,))
+        _check_array("zero_point", self.zero_point, (np.uint8,), shape=(self.channels,))
+        if not (np.isfinite(self.scale) & (self.scale > 0)).all():
+            raise ValueError("every scale must be finite and > 0")
+        limit = 2**self.bits
+        if (
+            self.zero_point.max(initial=0) >= limit
+            or _kept(self.qdata, self.mask).max(initial=0) >= limit
+        ):
+            raise ValueError(f"a code or zero point is >= 2**bits = {limit}")
+
+    def decode(self) -> np.ndarray:
+        """The float32 array (0.0 at pruned positions), computed in float32."""
+        view = [1] * self.qdata.ndim
+        if self.axis is not None:
+            view[self.axis] = self.channels
+        scale = self.scale.astype(np.float32).reshape(view)
+        zero_point = self.zero_point.astype(np.float32).reshape(view)
+        values = (self.qdata.astype(np.float32) - zero_point) * scale
+        return _apply_mask(values.astype(np.float32), self.mask)
+
+
+Tensor = DenseTensor | CodebookTensor | UniformTensor
+
+
+def _apply_mask(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    if mask is not None:
+        values = np.where(mask, values, np.float32(0.0)).astype(np.float32)
+    return values
+
+
+def _kept(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    return values if mask is None else values[mask]
+
+
+def _kept_or_zero(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    return values if mask is None else np.where(mask, values, 0)
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+
+
+def _check_entropy(entropy: Entropy | None) -> None:
+    if entropy is not None and not isinstance(entropy, Entropy):
+        raise TypeError(f"entropy must be an Entropy or None, got {entropy!r}")
+
+
+def _check_array(
+    name: str, array: object, dtypes: tuple, ndim: int | None = None, shape: tuple | None = None
+) -> None:
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(array).__name__}")
+    if array.dtype not in [np.dtype(d) for d in dtypes]:
+        names = ", ".join(np.dtype(d).name for d in dtypes)
+        raise TypeError(f"{name} must have dtype {names}, got {array.dtype}")
+    if ndim is not None and array.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {array.shape}")
+    if shape is not None and array.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {array.shape}")
+
+
+def _check_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> None:
+    if mask is not None:
+        _check_array("mask", mask, (np.bool_,), shape=shape)

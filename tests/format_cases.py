@@ -1,0 +1,90 @@
+"""Tensors for the format tests: random valid tensors, and the fixed cases of the golden files."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mbz.format import CodebookTensor, DenseTensor, Entropy, UniformTensor
+
+
+def random_tensor(
+    rng: np.random.Generator,
+    kind: str,
+    shape: tuple[int, ...],
+    bits: int,
+    density: float | None,
+    entropy: Entropy | None = Entropy.FIXED,
+    per_channel: bool = False,
+):
+    """A valid tensor of ``kind`` (f32, f16, codebook, uniform); ``density`` None: not sparse."""
+    mask = None if density is None else rng.random(shape) < density
+    if kind in ("f32", "f16"):
+        values = rng.standard_normal(shape).astype(np.float32 if kind == "f32" else np.float16)
+        return DenseTensor(values=values, mask=mask)
+    levels = 2**bits
+    if kind == "codebook":
+        k = int(rng.integers(1, levels + 1))
+        codebook = np.sort(rng.standard_normal(k)).astype(np.float32)
+        indices = rng.integers(0, k, shape).astype(np.uint8)
+        return CodebookTensor(codebook, indices, bits, mask=mask, entropy=entropy)
+    axis = 0 if per_channel and shape else None
+    channels = shape[0] if axis == 0 else 1
+    return UniformTensor(
+        qdata=rng.integers(0, levels, shape).astype(np.uint8),
+        scale=rng.uniform(1e-3, 1.0, channels).astype(np.float32),
+        zero_point=rng.integers(0, levels, channels).astype(np.uint8),
+        bits=bits,
+        axis=axis,
+        mask=mask,
+        entropy=entropy,
+    )
+
+
+def golden_cases() -> dict[str, tuple[dict, dict]]:
+    """Small hand-written files: name -> (tensors, expected decoded float32 arrays).
+
+    The expected arrays are written out by hand from SPEC.md's decode formulas, not computed by
+    the codec.
+    """
+    cb = np.array([-1.0, 0.0, 0.5, 2.0], np.float32)
+    idx = np.array([[0, 1, 2], [3, 2, 1]], np.uint8)
+    mask = np.array([[True, False, True], [False, False, True]])
+    q = np.array([[0, 7, 3], [5, 1, 6]], np.uint8)
+    return {
+        "dense": (
+            {
+                "w32": DenseTensor(np.array([1.5, -2.0, 0.25], np.float32)),
+                "w16": DenseTensor(np.array([[0.5, -1.0]], np.float16)),
+            },
+            {"w32": [1.5, -2.0, 0.25], "w16": [[0.5, -1.0]]},
+        ),
+        "codebook": (
+            {"w": CodebookTensor(cb, idx, 2)},
+            {"w": [[-1.0, 0.0, 0.5], [2.0, 0.5, 0.0]]},
+        ),
+        "uniform_per_channel_bitmap": (
+            {
+                "w": UniformTensor(
+                    q,
+                    np.array([0.5, 0.25], np.float32),
+                    np.array([4, 2], np.uint8),
+                    3,
+                    axis=0,
+                    mask=mask,
+                )
+            },
+            {"w": [[-2.0, 0.0, -0.5], [0.0, 0.0, 1.0]]},
+        ),
+        "codebook_huffman_csr": (
+            {
+                "w": CodebookTensor(
+                    cb,
+                    np.array([2, 2, 2, 2, 2, 0, 2, 2, 2, 3], np.uint8),
+                    2,
+                    mask=np.array([1, 0, 0, 0, 0, 0, 0, 0, 0, 1], bool),
+                    entropy=Entropy.HUFFMAN,
+                )
+            },
+            {"w": [0.5, 0, 0, 0, 0, 0, 0, 0, 0, 2.0]},
+        ),
+    }

@@ -1,0 +1,233 @@
+"""Hostile input: every damaged or crafted file raises MbzFormatError and nothing else."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mbz.format import (
+    DenseTensor,
+    MbzFormatError,
+    SectionKind,
+    decode_mbz,
+    encode_mbz,
+    read_mbz,
+    write_mbz,
+)
+from mbz.format.container import assemble
+from mbz.format.jsonio import canonical_json
+from tests.format_cases import golden_cases, random_tensor
+
+
+def sample_file() -> bytes:
+    rng = np.random.default_rng(3)
+    tensors = {
+        "cb": random_tensor(rng, "codebook", (6, 5), 3, 0.3, None),
+        "uq": random_tensor(rng, "uniform", (4, 3), 4, None, per_channel=True),
+        "hf": random_tensor(rng, "codebook", (50,), 2, None, None),
+        "d": random_tensor(rng, "f16", (7,), 8, 0.9),
+    }
+    tensors["hf"].indices[:45] = 0
+    return encode_mbz({"graph": {"nodes": []}}, tensors)
+
+
+def sections(data: bytes) -> tuple[dict, list[bytes]]:
+    """The metadata object and raw tensor section bodies of a valid file."""
+    spans = [data[s.offset : s.offset + s.length] for s in decode_mbz(data).layout.sections]
+    return json.loads(spans[0]), spans[1:]
+
+
+def rebuild(meta: dict | bytes, bodies: list[bytes]) -> bytes:
+    """A file with correct CRCs around whatever metadata and bodies are given."""
+    raw = meta if isinstance(meta, bytes) else canonical_json(meta)
+    kinds = [SectionKind.METADATA] + [SectionKind.TENSOR] * len(bodies)
+    return assemble(kinds, [raw, *bodies], 64)
+
+
+def rejects(data: bytes, fragment: str = "") -> None:
+    with pytest.raises(MbzFormatError) as error:
+        decode_mbz(data)
+    assert fragment in str(error.value)
+
+
+def test_every_truncation_is_rejected():
+    data = sample_file()
+    for length in range(len(data)):
+        rejects(data[:length])
+
+
+def test_trailing_bytes_rejected():
+    rejects(sample_file() + b"\0", "trailing")
+
+
+def test_every_single_byte_flip_is_rejected():
+    data = bytearray(sample_file())
+    for offset in range(len(data)):
+        data[offset] ^= 0x40
+        rejects(bytes(data))
+        data[offset] ^= 0x40
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "fragment"),
+    [(0, b"\x88", "magic"), (8, b"\x02", "major"), (12, b"\x01", "flag")],
+)
+def test_header_fields_checked_before_crc(offset, value, fragment):
+    data = bytearray(sample_file())
+    data[offset : offset + len(value)] = value
+    rejects(bytes(data), fragment)
+
+
+def mutate_descriptor(name: str, **changes) -> bytes:
+    meta, bodies = sections(sample_file())
+    meta["tensors"][name].update(changes)
+    return rebuild(meta, bodies)
+
+
+@pytest.mark.parametrize(
+    ("name", "changes", "fragment"),
+    [
+        ("cb", {"shape": [1 << 20, 1 << 20]}, "exceed"),
+        ("cb", {"shape": [-1, 5]}, "dimension"),
+        ("cb", {"shape": [1] * 9}, "shape"),
+        ("cb", {"nnz": 31}, "nnz"),
+        ("cb", {"k": 9}, "'k'"),
+        ("cb", {"bits": 9}, "'bits'"),
+        ("cb", {"encoding": "zip"}, "encoding"),
+        ("cb", {"section": 99}, "section 99"),
+        ("uq", {"section": 1}, "share section"),
+        ("cb", {"parts": [["codebook", 1]]}, "parts"),
+        ("uq", {"axis": 5}, "'axis'"),
+        ("uq", {"pickle": "x"}, "unknown key"),
+        ("d", {"csr_bits": 12}, "csr_bits"),
+    ],
+)
+def test_crafted_descriptors_rejected(name, changes, fragment):
+    rejects(mutate_descriptor(name, **changes), fragment)
+
+
+def test_newer_minor_version_may_add_keys():
+    meta, bodies = sections(sample_file())
+    meta["tensors"]["uq"]["future"] = 1
+    data = bytearray(rebuild(meta, bodies))
+    rejects(bytes(data), "unknown key")
+    data[10] = 1  # minor version 1, and the table CRC that goes with it
+    count = struct.unpack_from("<I", data, 24)[0]
+    struct.pack_into("<I", data, 28, zlib.crc32(bytes(data[:28] + data[64 : 64 + 32 * count])))
+    assert decode_mbz(bytes(data)).version == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"tensors":{},"a":1,"a":2}',
+        b'{"tensors":{},"a":NaN}',
+        b'{"tensors":{},"a":1e999}',
+        b"[1]",
+        b"\xff\xfe",
+        b'{"tensors":[]}',
+        b"[" * 100 + b"]" * 100,
+        b'{"tensors":{},"x":' + b"[" * 100 + b"]" * 100 + b"}",
+    ],
+)
+def test_bad_metadata_json_rejected(raw):
+    rejects(rebuild(raw, []))
+
+
+def test_orphan_section_rejected():
+    meta, bodies = sections(sample_file())
+    rejects(rebuild(meta, [*bodies, b"spare"]), "named by no tensor")
+
+
+def body_with(name: str, part: str, patch) -> bytes:
+    """Re-assemble the sample with one part of one tensor replaced by ``patch(bytes)``."""
+    meta, bodies = sections(sample_file())
+    desc = meta["tensors"][name]
+    index = desc["section"] - 1
+    cursor, out = 0, bytearray(bodies[index])
+    for part_name, length in desc["parts"]:
+        if part_name == part:
+            out[cursor : cursor + length] = patch(bytes(out[cursor : cursor + length]))
+        cursor += length
+    bodies[index] = bytes(out)
+    return rebuild(meta, bodies)
+
+
+def test_index_beyond_codebook_rejected():
+    meta, bodies = sections(encode_mbz({}, golden_cases()["codebook"][0]))
+    meta["tensors"]["w"]["k"] = 3  # index 3 is stored; the codebook part shrinks to 3 entries
+    meta["tensors"]["w"]["parts"][0][1] = 12
+    rejects(rebuild(meta, [bodies[0][4:]]), ">= 3")
+
+
+def test_nan_in_codebook_rejected():
+    nan = np.array([np.nan], "<f4").tobytes()
+    rejects(body_with("cb", "codebook", lambda b: nan + b[4:]), "NaN")
+
+
+def test_bad_scale_and_zero_point_rejected():
+    rejects(body_with("uq", "scale", lambda b: bytes(4) + b[4:]), "scale")
+    rejects(body_with("uq", "zero_point", lambda b: b"\x10" + b[1:]), "zero point")
+
+
+def test_nonzero_pad_bits_rejected():
+    bitmap = golden_cases()["uniform_per_channel_bitmap"][0]
+    data = encode_mbz({}, bitmap)
+    meta, bodies = sections(data)
+    body = bytearray(bodies[0])
+    body[-1] |= 0x80  # 6 mask bits used of the last byte
+    rejects(rebuild(meta, [bytes(body)]), "pad bits")
+
+
+def test_oversubscribed_huffman_rejected():
+    meta, _ = sections(sample_file())
+    assert meta["tensors"]["hf"]["entropy"] == "huffman"
+    rejects(body_with("hf", "code_lengths", lambda b: b"\x01\x01\x01\x00"), "Kraft")
+
+
+@settings(max_examples=300, deadline=None)
+@given(offset=st.integers(0, 10_000), value=st.integers(0, 255), fix_crc=st.booleans())
+def test_fuzz_single_byte_changes(offset, value, fix_crc):
+    """Any change either decodes (a still-valid file) or raises MbzFormatError, never more."""
+    data = sample_file()
+    meta, bodies = sections(data)
+    blob = bytearray(canonical_json(meta) + b"".join(bodies))
+    blob[offset % len(blob)] = value
+    raw = bytes(blob)
+    if fix_crc:
+        cut = len(canonical_json(meta))
+        lengths = np.cumsum([len(b) for b in bodies])[:-1] + cut
+        pieces = np.split(np.frombuffer(raw, np.uint8), [cut, *lengths])
+        candidate = rebuild(pieces[0].tobytes(), [p.tobytes() for p in pieces[1:]])
+    else:
+        candidate = bytes(data[:64]) + raw
+    try:
+        decode_mbz(candidate)
+    except MbzFormatError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400))
+def test_fuzz_random_bytes(blob):
+    try:
+        decode_mbz(b"\x89MBZ\r\n\x1a\n" + blob)
+    except MbzFormatError:
+        pass
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "model.mbz"
+    write_mbz(path, {"v": 1}, {})
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        write_mbz(path, {"v": 2}, {"bad": DenseTensor(values=[1.0])})
+    assert path.read_bytes() == before
+    assert read_mbz(path).metadata == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["model.mbz"]
