@@ -84,6 +84,48 @@ def test_header_fields_checked_before_crc(offset, value, fragment):
     rejects(bytes(data), fragment)
 
 
+def with_entry(data: bytes, index: int, **fields) -> bytes:
+    """Rewrite one section-table entry and re-sign the table CRC."""
+    out = bytearray(data)
+    at = 64 + 32 * index
+    names = ("kind", "alignment", "offset", "length", "crc32", "reserved")
+    entry = dict(zip(names, struct.unpack_from("<IIQQII", out, at), strict=True)) | fields
+    struct.pack_into("<IIQQII", out, at, *entry.values())
+    count = struct.unpack_from("<I", out, 24)[0]
+    struct.pack_into("<I", out, 28, zlib.crc32(bytes(out[:28] + out[64 : 64 + 32 * count])))
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("index", "fields", "fragment"),
+    [
+        (4, {"offset": 1 << 40}, "offset"),
+        (4, {"length": 1 << 60}, "past the end"),
+        (2, {"offset": 64}, "offset"),
+        (1, {"length": 1 << 20}, "past the end"),
+        (0, {"kind": 7}, "unknown kind"),
+        (0, {"kind": 2}, "section 0"),
+        (1, {"kind": 1}, "not a tensor section"),
+        (1, {"alignment": 3}, "alignment"),
+        (1, {"crc32": 0}, "CRC"),
+    ],
+)
+def test_forged_section_table_rejected(index, fields, fragment):
+    rejects(with_entry(sample_file(), index, **fields), fragment)
+
+
+def test_overlapping_sections_rejected():
+    data = sample_file()
+    second = struct.unpack_from("<IIQQII", data, 64 + 32 * 2)
+    rejects(with_entry(data, 2, offset=second[2] - 64), "offset")
+
+
+def test_huge_section_count_in_tiny_file_rejected():
+    data = bytearray(sample_file()[:64])
+    struct.pack_into("<QI", data, 16, 64, 60_000)
+    rejects(bytes(data), "section table")
+
+
 def mutate_descriptor(name: str, **changes) -> bytes:
     meta, bodies = sections(sample_file())
     meta["tensors"][name].update(changes)
@@ -185,13 +227,20 @@ def test_nonzero_pad_bits_rejected():
     rejects(rebuild(meta, [bytes(body)]), "pad bits")
 
 
+def test_csr_running_past_the_tensor_rejected():
+    meta, bodies = sections(encode_mbz({}, golden_cases()["codebook_huffman_csr"][0]))
+    body = bytearray(bodies[0])
+    body[-1] = 0xBE  # entries 2,3,3,2: kept at 2 and 11, past the 10 elements
+    rejects(rebuild(meta, [bytes(body)]), "past")
+
+
 def test_oversubscribed_huffman_rejected():
     meta, _ = sections(sample_file())
     assert meta["tensors"]["hf"]["entropy"] == "huffman"
     rejects(body_with("hf", "code_lengths", lambda b: b"\x01\x01\x01\x00"), "Kraft")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(offset=st.integers(0, 10_000), value=st.integers(0, 255), fix_crc=st.booleans())
 def test_fuzz_single_byte_changes(offset, value, fix_crc):
     """Any change either decodes (a still-valid file) or raises MbzFormatError, never more."""
@@ -213,7 +262,7 @@ def test_fuzz_single_byte_changes(offset, value, fix_crc):
         pass
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.binary(max_size=400))
 def test_fuzz_random_bytes(blob):
     try:
