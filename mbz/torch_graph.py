@@ -1,0 +1,111 @@
+"""Run mbz's graph IR (SPEC.md section 6) with torch, and turn raw images into its input."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mbz.errors import MbzError
+
+Tensors = list[torch.Tensor]
+Op = Callable[[Tensors, dict[str, torch.Tensor], dict], torch.Tensor]
+
+
+def _conv2d(xs: Tensors, p: dict[str, torch.Tensor], a: dict) -> torch.Tensor:
+    stride, padding, dilation = tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"])
+    return F.conv2d(xs[0], p["weight"], p["bias"], stride, padding, dilation, a["groups"])
+
+
+def _batchnorm(xs: Tensors, p: dict[str, torch.Tensor], _: dict) -> torch.Tensor:
+    return xs[0] * p["scale"][:, None, None] + p["shift"][:, None, None]
+
+
+def _avgpool2d(xs: Tensors, _: dict[str, torch.Tensor], a: dict) -> torch.Tensor:
+    kernel, stride, padding = tuple(a["kernel"]), tuple(a["stride"]), tuple(a["padding"])
+    return F.avg_pool2d(xs[0], kernel, stride, padding, ceil_mode=False, count_include_pad=True)
+
+
+def _maxpool2d(xs: Tensors, _: dict[str, torch.Tensor], a: dict) -> torch.Tensor:
+    return F.max_pool2d(xs[0], tuple(a["kernel"]), tuple(a["stride"]), tuple(a["padding"]))
+
+
+def _quantize(xs: Tensors, _: dict[str, torch.Tensor], a: dict) -> torch.Tensor:
+    top = 2 ** int(a["bits"]) - 1
+    return torch.fake_quantize_per_tensor_affine(
+        xs[0], float(a["scale"]), int(a["zero_point"]), 0, top
+    )
+
+
+OPS: dict[str, Op] = {
+    "conv2d": _conv2d,
+    "linear": lambda xs, p, _: F.linear(xs[0], p["weight"], p["bias"]),
+    "batchnorm": _batchnorm,
+    "relu": lambda xs, _p, _a: F.relu(xs[0]),
+    "relu6": lambda xs, _p, _a: F.relu6(xs[0]),
+    "add": lambda xs, _p, _a: xs[0] + xs[1],
+    "avgpool2d": _avgpool2d,
+    "maxpool2d": _maxpool2d,
+    "global_avgpool": lambda xs, _p, _a: F.adaptive_avg_pool2d(xs[0], 1),
+    "flatten": lambda xs, _p, _a: torch.flatten(xs[0], 1),
+    "quantize": _quantize,
+}
+
+
+class GraphModule(nn.Module):
+    """A graph IR and its tensors as a torch module; ``forward`` maps NCHW inputs to logits.
+
+    The tensors are buffers (``param_0``, ``param_1``... since tensor names contain dots), so
+    ``.to(device)`` moves them.
+    """
+
+    def __init__(self, graph: dict, params: dict[str, np.ndarray]) -> None:
+        """Keep the graph's nodes and register every tensor they name; MbzError for an unknown
+        op or a missing tensor."""
+        super().__init__()
+        self.input_name: str = graph["input"]
+        self.output_name: str = graph["output"]
+        self.nodes: list[dict] = copy.deepcopy(graph["nodes"])
+        self.slots: dict[str, str] = {}  # tensor name -> buffer name
+        for node in self.nodes:
+            if node["op"] not in OPS:
+                raise MbzError(f"graph node {node['name']!r} has unknown op {node['op']!r}")
+            for name in node["params"].values():
+                self._register(name, params)
+
+    def _register(self, name: str, params: dict[str, np.ndarray]) -> None:
+        if name in self.slots:
+            return
+        if name not in params:
+            raise MbzError(f"the graph names tensor {name!r}, which is not among the params")
+        self.slots[name] = f"param_{len(self.slots)}"
+        value = torch.tensor(np.asarray(params[name], dtype=np.float32))
+        self.register_buffer(self.slots[name], value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, classes]`` of a preprocessed float32 batch ``[N, C, H, W]``."""
+        values = {self.input_name: x}
+        for node in self.nodes:
+            params = {role: self.get_buffer(self.slots[n]) for role, n in node["params"].items()}
+            inputs = [values[name] for name in node["inputs"]]
+            values[node["output"]] = OPS[node["op"]](inputs, params, node["attrs"])
+        return values[self.output_name]
+
+
+def preprocess_images(images: np.ndarray, preprocess: dict, device: torch.device) -> torch.Tensor:
+    """uint8 images ``[N, H, W, C]`` -> float32 ``[N, C, H, W]`` graph input on ``device``:
+    ``((image / 255) - mean[c]) / std[c]`` in float32, as SPEC.md section 6 defines."""
+    images = np.asarray(images)
+    channels = len(preprocess["mean"])
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != channels:
+        raise MbzError(
+            f"expected uint8 images [N, H, W, {channels}], got {images.dtype} {list(images.shape)}"
+        )
+    x = torch.from_numpy(images.copy()).to(device).float() / 255
+    mean = torch.tensor(preprocess["mean"], dtype=torch.float32, device=device)
+    std = torch.tensor(preprocess["std"], dtype=torch.float32, device=device)
+    return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,103 @@
+"""Models and data locations shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fragment_path() -> Path | None:
+    """The shared CIFAR-10 fragment (``shared/data/cifar10-fragment.npz``), if present."""
+    path = Path(__file__).resolve().parents[2] / "shared/data/cifar10-fragment.npz"
+    return path if path.exists() else None
+
+
+class Block(nn.Module):
+    """Expand + depthwise + pointwise (kuangliu/pytorch-cifar ``models/mobilenetv2.py``)."""
+
+    def __init__(self, in_planes: int, out_planes: int, expansion: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+
+        planes = expansion * in_planes
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=1, stride=1, padding=0, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(
+            planes, planes, kernel_size=3, stride=stride, padding=1, groups=planes, bias=False
+        )
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, kernel_size=1, stride=1, padding=0, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+
+        self.shortcut = nn.Sequential()
+        if stride == 1 and in_planes != out_planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=1, padding=0, bias=False),
+                nn.BatchNorm2d(out_planes),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block, with the residual connection when the stride is 1."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out = out + self.shortcut(x) if self.stride == 1 else out
+        return out
+
+
+class CourseMobileNetV2(nn.Module):
+    """kuangliu/pytorch-cifar's CIFAR-10 MobileNetV2, written as in the course code.
+
+    ``width`` divides every channel count (1 is the original network), so tests can run a
+    narrow one.
+    """
+
+    # (expansion, out_planes, num_blocks, stride)
+    cfg = (
+        (1, 16, 1, 1),
+        (6, 24, 2, 1),  # NOTE: change stride 2 -> 1 for CIFAR10
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    )
+
+    def __init__(self, num_classes: int = 10, width: int = 1) -> None:
+        super().__init__()
+        self.width = width
+        # NOTE: change conv1 stride 2 -> 1 for CIFAR10
+        self.conv1 = nn.Conv2d(3, self._c(32), kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(self._c(32))
+        self.layers = self._make_layers(in_planes=self._c(32))
+        self.conv2 = nn.Conv2d(
+            self._c(320), self._c(1280), kernel_size=1, stride=1, padding=0, bias=False
+        )
+        self.bn2 = nn.BatchNorm2d(self._c(1280))
+        self.linear = nn.Linear(self._c(1280), num_classes)
+
+    def _c(self, channels: int) -> int:
+        return max(1, channels // self.width)
+
+    def _make_layers(self, in_planes: int) -> nn.Sequential:
+        layers = []
+        for expansion, out_planes, num_blocks, stride in self.cfg:
+            strides = [stride] + [1] * (num_blocks - 1)
+            for block_stride in strides:
+                layers.append(Block(in_planes, self._c(out_planes), expansion, block_stride))
+                in_planes = self._c(out_planes)
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of 32x32 images."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layers(out)
+        out = F.relu(self.bn2(self.conv2(out)))
+        # NOTE: change pooling kernel_size 7 -> 4 for CIFAR10
+        out = F.avg_pool2d(out, 4)
+        out = out.view(out.size(0), -1)
+        out = self.linear(out)
+        return out
