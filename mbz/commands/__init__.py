@@ -1,0 +1,1 @@
+"""One module per ``mbz`` command; each is a thin click layer over library functions."""

@@ -1,0 +1,24 @@
+"""``mbz inspect``: where the bytes of a .mbz file go."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from mbz.inspect import describe, format_report
+
+
+@click.command("inspect")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def inspect_command(file: Path, as_json: bool) -> None:
+    """Validate FILE (a .mbz, every checksum) and show its bytes per tensor.
+
+    Columns: payload (values, indices or integer codes), codebook (centroids and Huffman code
+    lengths), scales (scales and zero points), mask (bitmap or CSR positions of pruned tensors),
+    then the file-level metadata, header and alignment padding, which add up to the file size.
+    """
+    facts = describe(file)
+    click.echo(json.dumps(facts, indent=2, sort_keys=True) if as_json else format_report(facts))

@@ -1,0 +1,111 @@
+"""The main path end to end through the CLI: pack, eval, inspect (CliRunner, small models)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mbz.cli import main
+from mbz.format import read_mbz
+from mbz.models import cifar_mobilenet_v2
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def model_path(workdir):
+    torch.manual_seed(0)
+    model = cifar_mobilenet_v2(num_classes=10, width_mult=0.25)
+    for module in model.modules():  # make BN gammas differ so channel ranking means something
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(module.weight, 0.2, 1.0)
+            torch.nn.init.normal_(module.bias, 0.0, 0.1)
+    path = workdir / "model.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_path(workdir):
+    rng = np.random.default_rng(0)
+    path = workdir / "data.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 16, dtype=np.uint8),
+        x_test=rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 48, dtype=np.uint8),
+    )
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_pack_eval_inspect(model_path, data_path, workdir):
+    out = workdir / "m.mbz"
+    packed = invoke("pack", model_path, "--prune", 0.36, "--bits", "conv=4,fc=2",
+                    "-o", out, "--data", data_path, "--json")
+    assert packed.exit_code == 0, packed.output
+    summary = json.loads(packed.output)
+    assert summary["file_bytes"] == out.stat().st_size
+    assert summary["ratio"] == pytest.approx(summary["fp32_bytes"] / out.stat().st_size)
+    assert 0.0 <= summary["accuracy"]["top1"] <= 1.0
+
+    evaluated = invoke("eval", out, "--data", data_path, "--runtime", "all", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.output)
+    assert report["ok"]
+    assert report["agreement"]["numpy/torch"] >= 0.999
+    by_runtime = {r["runtime"]: r["accuracy"] for r in report["results"]}
+    assert by_runtime["torch"] == pytest.approx(summary["accuracy"]["top1"])
+
+    inspected = invoke("inspect", out, "--json")
+    assert inspected.exit_code == 0, inspected.output
+    facts = json.loads(inspected.output)
+    assert facts["total_bytes"] == out.stat().st_size
+    assert facts["checksums"] == "ok"
+
+
+def test_channel_pruning_makes_layers_smaller(model_path, workdir):
+    out = workdir / "pruned.mbz"
+    assert invoke("pack", model_path, "--prune", 0.36, "-o", out).exit_code == 0
+    layers = read_mbz(out).metadata["layers"]
+    before = sum(np.prod(f["shape_before"]) for f in layers.values())
+    after = sum(np.prod(f["shape_after"]) for f in layers.values())
+    assert 1 - after / before >= 0.36
+    assert any(f["shape_after"][0] < f["shape_before"][0] for f in layers.values())
+
+
+def test_weight_pruning_stores_masks(model_path, workdir):
+    out = workdir / "sparse.mbz"
+    result = invoke("pack", model_path, "--prune", 0.5, "--prune-mode", "weight",
+                    "--method", "uniform", "--per-tensor", "--symmetric", "-o", out)
+    assert result.exit_code == 0, result.output
+    mbz = read_mbz(out)
+    weights = [mbz.tensors[f["weight"]].decode() for f in mbz.metadata["layers"].values()]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.size for w in weights)
+    assert zeros >= 0.5
+
+
+def test_bits_flag_is_validated(model_path):
+    result = CliRunner().invoke(main, ["pack", str(model_path), "--bits", "conv=9"])
+    assert result.exit_code == 2
+    assert "1 to 8" in result.output
+
+
+def test_pickled_module_needs_trust(workdir):
+    path = workdir / "whole.pt"
+    torch.save(cifar_mobilenet_v2(width_mult=0.25), path)
+    refused = CliRunner().invoke(main, ["pack", str(path), "-o", str(workdir / "w.mbz")])
+    assert refused.exit_code == 1
+    assert "--trust-pickle" in refused.output
+    assert "Traceback" not in refused.output
+    accepted = invoke("pack", path, "--trust-pickle", "-o", workdir / "w.mbz")
+    assert accepted.exit_code == 0, accepted.output
