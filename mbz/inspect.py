@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from mbz.format import MbzFile, SectionInfo, read_mbz
 
 # Part name -> the category ``mbz inspect`` reports it under.
@@ -39,12 +41,47 @@ def _tensor_row(mbz: MbzFile, section: SectionInfo) -> dict:
     return row
 
 
+def _layer_row(mbz: MbzFile, node: dict, tensor_rows: dict[str, dict]) -> dict:
+    """One weight layer: its shapes before/after pruning, encoding, and bytes by category."""
+    facts = mbz.metadata.get("layers", {}).get(node["name"], {})
+    names = list(node["params"].values())
+    weight = tensor_rows[node["params"].get("weight", names[0])]
+    before, after = facts.get("shape_before", weight["shape"]), weight["shape"]
+    codebook = getattr(mbz.tensors[weight["tensor"]], "codebook", None)
+    row = {
+        "layer": node["name"],
+        "op": node["op"],
+        "shape_before": before,
+        "shape_after": after,
+        "kept_channels": [after[0], before[0]],
+        "bits": weight["bits"],
+        "encoding": weight["encoding"],
+        "entropy": weight["entropy"],
+        "codebook_size": None if codebook is None else int(codebook.size),
+        "sparsity": 1.0 - weight["nnz"] / max(1, int(np.prod(after))),
+        "mask_encoding": weight["sparsity"],
+        "tensors": names,
+    }
+    for key in (*CATEGORIES, "bytes"):
+        row[key] = sum(tensor_rows[name][key] for name in names)
+    return row
+
+
 def describe(path: str | Path) -> dict:
     """Read (and so fully validate, CRCs included) a .mbz file and account for every byte."""
     path = Path(path)
     mbz = read_mbz(path)
     layout = mbz.layout
     rows = [_tensor_row(mbz, s) for s in layout.sections[1:]]
+    by_name = {row["tensor"]: row for row in rows}
+    nodes = mbz.metadata.get("graph", {}).get("nodes", [])
+    layers = [_layer_row(mbz, node, by_name) for node in nodes if node.get("params")]
+    claimed = {name for layer in layers for name in layer["tensors"]}
+    layers += [
+        _layer_row(mbz, {"name": name, "op": "tensor", "params": {"weight": name}}, by_name)
+        for name in by_name
+        if name not in claimed
+    ]
     totals = {c: sum(r[c] for r in rows) for c in CATEGORIES}
     totals.update(
         metadata=layout.sections[0].length,
@@ -65,22 +102,28 @@ def describe(path: str | Path) -> dict:
         "accuracy": mbz.metadata.get("accuracy"),
         "pack_config": mbz.metadata.get("pack_config"),
         "nodes": len(mbz.metadata.get("graph", {}).get("nodes", [])),
-        "layers": mbz.metadata.get("layers", {}),
+        "layers": layers,
         "tensors": rows,
         "totals": totals,
     }
 
 
 def format_report(facts: dict) -> str:
-    """The human-readable table ``mbz inspect`` prints."""
-    head = f"{'tensor':40} {'shape':>16} {'encoding':>9} {'bits':>4} {'sparsity':>8}"
-    head += "".join(f" {c:>9}" for c in CATEGORIES) + f" {'total':>9}"
-    lines = [head]
-    for r in facts["tensors"]:
-        shape = "x".join(map(str, r["shape"]))
+    """The human-readable per-layer table ``mbz inspect`` prints."""
+    head = (
+        f"{'layer':28} {'shape before -> after':>30} {'kept':>9} {'encoding':>10} {'bits':>4} "
+        f"{'k':>3} {'sparse':>6} {'mask':>6}"
+    )
+    lines = [head + "".join(f" {c:>8}" for c in CATEGORIES) + f" {'total':>8}"]
+    for r in facts["layers"]:
+        shapes = f"{_dims(r['shape_before'])} -> {_dims(r['shape_after'])}"
+        kept = "{}/{}".format(*r["kept_channels"])
         enc = r["encoding"] + ("+h" if r["entropy"] == "huffman" else "")
-        line = f"{r['tensor'][:40]:40} {shape:>16} {enc:>9} {r['bits'] or '':>4} {r['sparsity']:>8}"
-        lines.append(line + "".join(f" {r[c]:>9}" for c in CATEGORIES) + f" {r['bytes']:>9}")
+        line = (
+            f"{r['layer'][:28]:28} {shapes:>30} {kept:>9} {enc:>10} {r['bits'] or '':>4} "
+            f"{r['codebook_size'] or '':>3} {100 * r['sparsity']:5.1f}% {r['mask_encoding']:>6}"
+        )
+        lines.append(line + "".join(f" {r[c]:>8}" for c in CATEGORIES) + f" {r['bytes']:>8}")
     t = facts["totals"]
     lines.append("")
     lines.append(
@@ -90,6 +133,10 @@ def format_report(facts: dict) -> str:
     )
     lines.append(_summary(facts))
     return "\n".join(lines)
+
+
+def _dims(shape: list[int]) -> str:
+    return "x".join(map(str, shape))
 
 
 def _summary(facts: dict) -> str:

@@ -101,3 +101,17 @@ class CourseMobileNetV2(nn.Module):
         out = out.view(out.size(0), -1)
         out = self.linear(out)
         return out
+
+
+def narrow_mobilenet(seed: int = 0, width_mult: float = 0.25) -> nn.Module:
+    """mbz's CIFAR MobileNet-v2, narrow, with BatchNorm gammas and betas spread out so that
+    channel ranking means something without training."""
+    from mbz.models import cifar_mobilenet_v2
+
+    torch.manual_seed(seed)
+    model = cifar_mobilenet_v2(num_classes=10, width_mult=width_mult)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.uniform_(module.weight, 0.2, 1.0)
+            nn.init.normal_(module.bias, 0.0, 0.1)
+    return model.eval()

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from mbz.cli import main
 from mbz.format import read_mbz
 from mbz.models import cifar_mobilenet_v2
+from tests.helpers import narrow_mobilenet
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +20,8 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_path(workdir):
-    torch.manual_seed(0)
-    model = cifar_mobilenet_v2(num_classes=10, width_mult=0.25)
-    for module in model.modules():  # make BN gammas differ so channel ranking means something
-        if isinstance(module, torch.nn.BatchNorm2d):
-            torch.nn.init.uniform_(module.weight, 0.2, 1.0)
-            torch.nn.init.normal_(module.bias, 0.0, 0.1)
     path = workdir / "model.pt"
-    torch.save(model.state_dict(), path)
+    torch.save(narrow_mobilenet().state_dict(), path)
     return path
 
 

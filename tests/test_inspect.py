@@ -3,10 +3,12 @@
 import json
 from pathlib import Path
 
+import torch
 from click.testing import CliRunner
 
 from mbz.cli import main
 from mbz.inspect import CATEGORIES, describe
+from tests.helpers import narrow_mobilenet
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -44,3 +46,20 @@ def test_corrupt_file_gives_a_clean_error(tmp_path):
     assert result.exit_code == 1
     assert "not a valid .mbz file" in result.output and "truncated" in result.output
     assert "Traceback" not in result.output
+
+
+def test_layer_rows_show_pruning_bits_and_every_byte(tmp_path):
+    model_path, out = tmp_path / "model.pt", tmp_path / "m.mbz"
+    torch.save(narrow_mobilenet().state_dict(), model_path)
+    args = ["pack", str(model_path), "--prune", "0.36", "--bits", "conv=4,fc=2", "-o", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    facts = describe(out)
+    layers = {row["layer"]: row for row in facts["layers"]}
+    assert sum(row["bytes"] for row in layers.values()) == sum(r["bytes"] for r in facts["tensors"])
+    assert any(kept < total for kept, total in (r["kept_channels"] for r in layers.values()))
+    for row in layers.values():
+        assert row["shape_after"][0] == row["kept_channels"][0] <= row["shape_before"][0]
+        assert row["codebook_size"] <= (4 if row["op"] == "linear" else 16)
+    text = CliRunner().invoke(main, ["inspect", str(out)]).output
+    first = facts["layers"][0]
+    assert f"{first['kept_channels'][0]}/{first['kept_channels'][1]}" in text

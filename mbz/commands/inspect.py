@@ -14,9 +14,11 @@ from mbz.inspect import describe, format_report
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
 def inspect_command(file: Path, as_json: bool) -> None:
-    """Validate FILE (a .mbz, every checksum) and show its bytes per tensor.
+    """Validate FILE (a .mbz, every checksum) and show its bytes per layer.
 
-    Columns: payload (values, indices or integer codes), codebook (centroids and Huffman code
+    Per layer: weight shape before and after channel pruning, kept output channels, encoding
+    (+h when Huffman-coded), bits, codebook size k, share of pruned weights and how their mask is
+    stored (bitmap or csr). Byte columns: payload (values, indices or integer codes), codebook (centroids and Huffman code
     lengths), scales (scales and zero points), mask (bitmap or CSR positions of pruned tensors),
     then the file-level metadata, header and alignment padding, which add up to the file size.
     """
