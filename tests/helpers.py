@@ -115,3 +115,20 @@ def narrow_mobilenet(seed: int = 0, width_mult: float = 0.25) -> nn.Module:
             nn.init.uniform_(module.weight, 0.2, 1.0)
             nn.init.normal_(module.bias, 0.0, 0.1)
     return model.eval()
+
+
+def recalibrate_batchnorm(model: nn.Module, images_uint8_nhwc) -> nn.Module:
+    """Set every BatchNorm's running statistics to those of ``images`` (one forward pass in
+    train mode, no weight update), so an untrained model's activations keep a useful scale."""
+    from mbz.data import CIFAR10_MEAN, CIFAR10_STD
+
+    x = torch.as_tensor(images_uint8_nhwc).float() / 255
+    x = ((x - torch.tensor(CIFAR10_MEAN)) / torch.tensor(CIFAR10_STD)).permute(0, 3, 1, 2)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the pass
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
