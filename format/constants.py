@@ -7,7 +7,7 @@ from enum import IntEnum
 
 MAGIC = b"\x89MBZ\r\n\x1a\n"
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1  # 1.1 added section kind 3 (zlib-compressed metadata)
 
 HEADER_SIZE = 64
 SECTION_ENTRY_SIZE = 32
@@ -30,6 +30,14 @@ class SectionKind(IntEnum):
 
     METADATA = 1  # canonical JSON, exactly one, always section 0
     TENSOR = 2  # the parts of one tensor, named by the metadata's tensor table
+    METADATA_ZLIB = 3  # the canonical JSON as one zlib stream (RFC 1950), since 1.1
+
+
+METADATA_KINDS = (SectionKind.METADATA, SectionKind.METADATA_ZLIB)
+# The first minor version that defines each section kind; a writer puts the highest minor its
+# sections need in the header, and a reader rejects a kind newer than the file's minor.
+KIND_SINCE_MINOR = {SectionKind.METADATA: 0, SectionKind.TENSOR: 0, SectionKind.METADATA_ZLIB: 1}
+METADATA_ZLIB_LEVEL = 9
 
 
 class Encoding(IntEnum):

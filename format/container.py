@@ -20,10 +20,14 @@ from .constants import (
     DEFAULT_ALIGNMENT,
     HEADER_FORMAT,
     HEADER_SIZE,
+    KIND_SINCE_MINOR,
     KNOWN_FLAGS,
     MAGIC,
     MAX_ALIGNMENT,
+    MAX_METADATA_BYTES,
     MAX_SECTIONS,
+    METADATA_KINDS,
+    METADATA_ZLIB_LEVEL,
     PART_GAPS,
     PART_MASK,
     SECTION_ENTRY_FORMAT,
@@ -104,12 +108,17 @@ class _Entry:
 
 
 def encode_mbz(
-    metadata: dict, tensors: dict[str, Tensor], alignment: int = DEFAULT_ALIGNMENT
+    metadata: dict,
+    tensors: dict[str, Tensor],
+    alignment: int = DEFAULT_ALIGNMENT,
+    compress_metadata: bool = True,
 ) -> bytes:
     """The bytes of a .mbz file holding ``metadata`` and ``tensors`` (in the given order).
 
     ``metadata`` must be JSON-serialisable without NaN and must not have a "tensors" key (the
-    writer adds the tensor table). Raises ValueError/TypeError for what cannot be written.
+    writer adds the tensor table). With ``compress_metadata`` the JSON is stored as a zlib
+    stream (section kind 3, file version 1.1); without, as plain JSON (kind 1, version 1.0).
+    Raises ValueError/TypeError for what cannot be written.
     """
     if TENSORS_KEY in metadata:
         raise ValueError(f"metadata must not contain {TENSORS_KEY!r}: the writer adds it")
@@ -121,7 +130,12 @@ def encode_mbz(
         table[name] = descriptor.to_json()
         bodies.append(body)
     meta = canonical_json({**metadata, TENSORS_KEY: table})
-    kinds = [SectionKind.METADATA] + [SectionKind.TENSOR] * len(bodies)
+    if len(meta) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is {len(meta)} bytes, above the {MAX_METADATA_BYTES} limit")
+    kind = SectionKind.METADATA
+    if compress_metadata:
+        meta, kind = zlib.compress(meta, METADATA_ZLIB_LEVEL), SectionKind.METADATA_ZLIB
+    kinds = [kind] + [SectionKind.TENSOR] * len(bodies)
     return assemble(kinds, [meta, *bodies], alignment)
 
 
@@ -165,10 +179,11 @@ def assemble(kinds: list[SectionKind], bodies: list[bytes], alignment: int) -> b
         )
         cursor = offset + len(body)
     table = b"".join(entries)
-    head = struct.pack("<8sHHIQI", MAGIC, VERSION_MAJOR, VERSION_MINOR, 0, cursor, len(bodies))
+    minor = max(KIND_SINCE_MINOR[SectionKind(kind)] for kind in kinds)
+    head = struct.pack("<8sHHIQI", MAGIC, VERSION_MAJOR, minor, 0, cursor, len(bodies))
     crc = zlib.crc32(head + table)
     header = struct.pack(
-        HEADER_FORMAT, MAGIC, VERSION_MAJOR, VERSION_MINOR, 0, cursor, len(bodies), crc, bytes(32)
+        HEADER_FORMAT, MAGIC, VERSION_MAJOR, minor, 0, cursor, len(bodies), crc, bytes(32)
     )
     return header + table + b"".join(chunks)
 
@@ -178,12 +193,14 @@ def write_mbz(
     metadata: dict,
     tensors: dict[str, Tensor],
     alignment: int = DEFAULT_ALIGNMENT,
+    compress_metadata: bool = True,
 ) -> int:
     """Write the file atomically (temporary file in the same folder, fsync, rename).
 
     An interrupted write never leaves a partial file at ``path``. Returns the size in bytes.
+    ``compress_metadata`` as in ``encode_mbz``.
     """
-    data = encode_mbz(metadata, tensors, alignment)
+    data = encode_mbz(metadata, tensors, alignment, compress_metadata)
     target = Path(path)
     handle, temporary = tempfile.mkstemp(
         dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"
@@ -228,10 +245,10 @@ def decode_mbz(data: bytes | bytearray | memoryview) -> MbzFile:
     view = memoryview(data).cast("B")
     minor, entries = _read_header_and_table(view)
     strict = minor <= VERSION_MINOR
-    _check_sections(view, entries)
-    if entries[0].kind != SectionKind.METADATA:
-        raise MbzFormatError("section 0 must be the metadata (kind 1)")
-    metadata = parse_json(_body(view, entries[0]))
+    _check_sections(view, entries, minor)
+    if entries[0].kind not in METADATA_KINDS:
+        raise MbzFormatError("section 0 must be the metadata (kind 1 or 3)")
+    metadata = parse_json(_metadata_bytes(view, entries[0]))
     descriptors = _descriptors(metadata, entries, strict)
     tensors = {name: _decode_tensor(view, entries[d.section], d) for name, d in descriptors.items()}
     layout = _layout(entries, descriptors)
@@ -275,7 +292,7 @@ def _read_header_and_table(view: memoryview) -> tuple[int, list[_Entry]]:
     return minor, entries
 
 
-def _check_sections(view: memoryview, entries: list[_Entry]) -> None:
+def _check_sections(view: memoryview, entries: list[_Entry], minor: int) -> None:
     """Kinds, alignment, ordering, padding, bounds and CRC of every section."""
     cursor = HEADER_SIZE + SECTION_ENTRY_SIZE * len(entries)
     for index, entry in enumerate(entries):
@@ -284,6 +301,8 @@ def _check_sections(view: memoryview, entries: list[_Entry]) -> None:
         )
         if entry.kind not in SectionKind.__members__.values():
             raise MbzFormatError(f"{where}: unknown kind {entry.kind}")
+        if KIND_SINCE_MINOR[SectionKind(entry.kind)] > minor:
+            raise MbzFormatError(f"{where}: kind {entry.kind} needs version 1.1 or newer")
         if entry.reserved:
             raise MbzFormatError(f"{where}: reserved field is not zero")
         alignment = entry.alignment
@@ -311,6 +330,23 @@ def _body(view: memoryview, entry: _Entry) -> memoryview:
     return view[entry.offset : entry.offset + entry.length]
 
 
+def _metadata_bytes(view: memoryview, entry: _Entry) -> bytes | memoryview:
+    """The metadata JSON, inflated (never past the size limit) when stored as zlib."""
+    body = _body(view, entry)
+    if entry.kind == SectionKind.METADATA:
+        return body
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(body, MAX_METADATA_BYTES + 1)
+    except zlib.error as error:
+        raise MbzFormatError(f"metadata section is not a valid zlib stream: {error}") from None
+    if len(data) > MAX_METADATA_BYTES:
+        raise MbzFormatError(f"metadata inflates past the {MAX_METADATA_BYTES}-byte limit")
+    if not inflater.eof or inflater.unused_data:
+        raise MbzFormatError("metadata zlib stream is truncated or followed by extra bytes")
+    return data
+
+
 def _descriptors(metadata: dict, entries: list[_Entry], strict: bool) -> dict[str, Descriptor]:
     """Validate the tensor table: every tensor section referenced exactly once, parts fit."""
     table = metadata.pop(TENSORS_KEY, None)
@@ -331,7 +367,7 @@ def _descriptors(metadata: dict, entries: list[_Entry], strict: bool) -> dict[st
     orphans = [i for i, e in enumerate(entries) if e.kind == SectionKind.TENSOR and i not in owners]
     if orphans:
         raise MbzFormatError(f"tensor section(s) {orphans[:8]} are named by no tensor")
-    if sum(e.kind == SectionKind.METADATA for e in entries) != 1:
+    if sum(e.kind in METADATA_KINDS for e in entries) != 1:
         raise MbzFormatError("a file has exactly one metadata section")
     return descriptors
 

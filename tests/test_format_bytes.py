@@ -49,7 +49,7 @@ def test_huffman_example():
 
 
 def test_header_fields_at_their_offsets():
-    data = encode_mbz(GOLDEN_METADATA, golden_cases()["dense"][0])
+    data = encode_mbz(GOLDEN_METADATA, golden_cases()["dense"][0], compress_metadata=False)
     assert data[:8] == b"\x89MBZ\r\n\x1a\n"
     major, minor, flags, size, count, crc = struct.unpack_from("<HHIQII", data, 8)
     assert (major, minor, flags, size, count) == (1, 0, 0, len(data), 3)
@@ -63,11 +63,25 @@ def test_header_fields_at_their_offsets():
     assert np.frombuffer(data[w32_offset : w32_offset + 12], "<f4").tolist() == [1.5, -2.0, 0.25]
 
 
+def test_compressed_metadata_is_a_zlib_stream_of_the_same_json():
+    tensors = golden_cases()["dense"][0]
+    plain = encode_mbz(GOLDEN_METADATA, tensors, compress_metadata=False)
+    data = encode_mbz(GOLDEN_METADATA, tensors)
+    assert struct.unpack_from("<HH", data, 8) == (1, 1)  # kind 3 needs version 1.1
+    kind, _, offset, length, _, _ = struct.unpack_from("<IIQQII", data, 64)
+    _, _, plain_offset, plain_length, _, _ = struct.unpack_from("<IIQQII", plain, 64)
+    assert kind == 3
+    assert zlib.decompress(data[offset : offset + length]) == plain[
+        plain_offset : plain_offset + plain_length
+    ]
+    assert decode_mbz(data).metadata == decode_mbz(plain).metadata
+
+
 @pytest.mark.parametrize("name", sorted(golden_cases()))
 def test_golden_file_bytes_and_values(name):
     tensors, expected = golden_cases()[name]
     path = GOLDEN / f"{name}.mbz"
-    assert encode_mbz(GOLDEN_METADATA, tensors) == path.read_bytes(), (
+    assert encode_mbz(GOLDEN_METADATA, tensors, compress_metadata=False) == path.read_bytes(), (
         f"the encoding of {name} changed; if the format change is intended, bump the version "
         "and regenerate with `python tests/golden/regenerate.py`"
     )

@@ -39,14 +39,18 @@ def sample_file() -> bytes:
 
 def sections(data: bytes) -> tuple[dict, list[bytes]]:
     """The metadata object and raw tensor section bodies of a valid file."""
-    spans = [data[s.offset : s.offset + s.length] for s in decode_mbz(data).layout.sections]
-    return json.loads(spans[0]), spans[1:]
+    layout = decode_mbz(data).layout
+    spans = [data[s.offset : s.offset + s.length] for s in layout.sections]
+    compressed = layout.sections[0].kind == SectionKind.METADATA_ZLIB
+    return json.loads(zlib.decompress(spans[0]) if compressed else spans[0]), spans[1:]
 
 
-def rebuild(meta: dict | bytes, bodies: list[bytes]) -> bytes:
+def rebuild(
+    meta: dict | bytes, bodies: list[bytes], kind: SectionKind = SectionKind.METADATA
+) -> bytes:
     """A file with correct CRCs around whatever metadata and bodies are given."""
     raw = meta if isinstance(meta, bytes) else canonical_json(meta)
-    kinds = [SectionKind.METADATA] + [SectionKind.TENSOR] * len(bodies)
+    kinds = [kind] + [SectionKind.TENSOR] * len(bodies)
     return assemble(kinds, [raw, *bodies], 64)
 
 
@@ -157,12 +161,38 @@ def test_crafted_descriptors_rejected(name, changes, fragment):
 def test_newer_minor_version_may_add_keys():
     meta, bodies = sections(sample_file())
     meta["tensors"]["uq"]["future"] = 1
-    data = bytearray(rebuild(meta, bodies))
-    rejects(bytes(data), "unknown key")
-    data[10] = 1  # minor version 1, and the table CRC that goes with it
-    count = struct.unpack_from("<I", data, 24)[0]
-    struct.pack_into("<I", data, 28, zlib.crc32(bytes(data[:28] + data[64 : 64 + 32 * count])))
-    assert decode_mbz(bytes(data)).version == (1, 1)
+    data = rebuild(meta, bodies)
+    rejects(data, "unknown key")
+    assert decode_mbz(with_minor(data, 2)).version == (1, 2)
+
+
+def with_minor(data: bytes, minor: int) -> bytes:
+    """``data`` with another minor version in its header, and the table CRC that goes with it."""
+    changed = bytearray(data)
+    struct.pack_into("<H", changed, 10, minor)
+    count = struct.unpack_from("<I", changed, 24)[0]
+    crc = zlib.crc32(bytes(changed[:28] + changed[64 : 64 + 32 * count]))
+    struct.pack_into("<I", changed, 28, crc)
+    return bytes(changed)
+
+
+@pytest.mark.parametrize(
+    ("stream", "fragment"),
+    [
+        (zlib.compress(b" " * (17 * 1024 * 1024)), "inflates past"),
+        (b"not zlib at all", "not a valid zlib"),
+        (zlib.compress(b'{"tensors":{}}') + b"\0", "extra bytes"),
+        (zlib.compress(b'{"tensors":{}}')[:-3], "truncated"),
+    ],
+)
+def test_bad_compressed_metadata_rejected(stream, fragment):
+    rejects(rebuild(stream, [], SectionKind.METADATA_ZLIB), fragment)
+
+
+def test_compressed_metadata_needs_version_1_1():
+    data = rebuild(zlib.compress(b'{"tensors":{}}'), [], SectionKind.METADATA_ZLIB)
+    assert decode_mbz(data).metadata == {}
+    rejects(with_minor(data, 0), "needs version 1.1")
 
 
 @pytest.mark.parametrize(
