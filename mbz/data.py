@@ -13,6 +13,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -227,11 +228,31 @@ def _load_batches(folder: Path, split: str) -> Dataset:
     return _dataset(str(folder), names, images, labels, CIFAR10_CLASSES, f"{folder.name}:{split}")
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-10 batch files hold (dicts, lists, numpy arrays): any other
+    global, such as a function a crafted file would call, is refused instead of imported."""
+
+    ALLOWED: ClassVar[set[tuple[str, str]]] = {
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: not CIFAR-10 data")
+        return super().find_class(module, name)
+
+
 def _read_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
     """NCHW images and labels of one batch file (a pickled dict with b"data" and b"labels")."""
     try:
         with file.open("rb") as handle:
-            entry = pickle.load(handle, encoding="bytes")
+            entry = _BatchUnpickler(handle, encoding="bytes").load()
     except Exception as exc:  # unpickling a damaged file can fail with almost any exception
         raise MbzError(f"could not read {file} as a CIFAR-10 python batch: {exc!r}") from exc
     data, labels = (_batch_field(entry, key) for key in ("data", "labels"))

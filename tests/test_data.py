@@ -252,3 +252,20 @@ def test_shared_fragment():
     assert dataset.source == "cifar10-fragment.npz:test"
     assert set(np.unique(dataset.labels)) <= set(range(10))
     assert len(load_split(str(FRAGMENT), "train")) > 0
+
+
+class _RunsCode:
+    """Unpickling this calls a function: what a crafted batch file would do."""
+
+    def __reduce__(self):
+        return (print, ("unpickling ran code",))
+
+
+def test_batch_file_that_would_run_code_is_refused(tmp_path, capsys):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    entry = {b"data": images(2).reshape(2, -1), b"labels": [0, 1], b"x": _RunsCode()}
+    (folder / "test_batch").write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(MbzError, match=r"refused to load \w+\.print: not CIFAR-10 data"):
+        load_split(str(folder), "test")
+    assert "unpickling ran code" not in capsys.readouterr().out
