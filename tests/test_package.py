@@ -1,7 +1,9 @@
 """Packaging: the console script, and format/runtime importable without torch."""
 
+import configparser
 import subprocess
 import sys
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -31,3 +33,17 @@ def test_format_and_runtime_import_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_setup_cfg_ships_every_package():
+    root = Path(__file__).resolve().parents[1]
+    config = configparser.ConfigParser()
+    config.read(root / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    folders = {"mbz": root / "mbz", "mbz.format": root / "format", "mbz.runtime": root / "runtime"}
+    found = {
+        ".".join((name, *sub.parent.relative_to(folder).parts))
+        for name, folder in folders.items()
+        for sub in folder.rglob("__init__.py")
+    }
+    assert found <= listed, f"add {sorted(found - listed)} to setup.cfg's packages"
