@@ -68,14 +68,17 @@ def load_model(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
 
 
 def save_checkpoint(path: str | Path, module: nn.Module, arch: ArchConfig, **extra: object) -> None:
-    """Write ``module``'s weights with its architecture, loadable by ``load_model``.
+    """Write ``module``'s weights (as CPU tensors) with its architecture, loadable by
+    ``load_model``.
 
-    ``extra`` fields (epoch, accuracy, ...) must be plain ints, floats, strs, lists and dicts so
-    that the file stays loadable with ``weights_only=True``.
+    ``extra`` fields (epoch, accuracy, ...) must be plain ints, floats, strs, lists and dicts,
+    or tensors and dicts of them (such as an optimizer's state_dict), so that the file stays
+    loadable with ``weights_only=True``; ``load_model`` keeps the plain ones in ``extra``.
     """
     if "state_dict" in extra:
         raise ValueError("'state_dict' is reserved for the module's weights")
-    torch.save({"state_dict": module.state_dict(), "arch": arch.to_dict(), **extra}, path)
+    weights = {key: value.cpu() for key, value in module.state_dict().items()}
+    torch.save({"state_dict": weights, "arch": arch.to_dict(), **extra}, path)
 
 
 def _fp32_bytes(module: nn.Module) -> int:

@@ -6,6 +6,7 @@ from mbz import __version__
 from mbz.commands.eval import eval_command
 from mbz.commands.inspect import inspect_command
 from mbz.commands.pack import pack_command
+from mbz.commands.train import train_command
 from mbz.errors import MbzError
 from mbz.format import MbzFormatError
 
@@ -39,3 +40,4 @@ def main() -> None:
 main.add_command(pack_command)
 main.add_command(eval_command)
 main.add_command(inspect_command)
+main.add_command(train_command)
