@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import platform
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
+from functools import partial
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
-import torchvision
 from click.core import ParameterSource
-from torch import nn
 
-from mbz import __version__
-from mbz.checkpoint import load_model, save_checkpoint
+from mbz.checkpoint import load_model
 from mbz.data import Dataset, load_split
 from mbz.errors import MbzError
 from mbz.models import ArchConfig
-from mbz.plot import confusion_matrix_png, line_chart
+from mbz.train_run import RunRecorder, TrainStart, device_name, finish_run
 from mbz.training import (
-    FitResult,
     Recipe,
-    confusion_matrix,
-    evaluate_model,
     fit,
     is_main_process,
 )
@@ -68,12 +59,6 @@ _RECIPE_FLAGS: dict[str, tuple[click.ParamType | None, str]] = {
 }
 # What --resume takes from the checkpoint (all but --epochs, which may grow).
 _FROM_CHECKPOINT = ("width", "dropout", "num_classes", *(n for n in _RECIPE_FLAGS if n != "epochs"))
-_OUTPUTS = {
-    "csv": ".history.csv",
-    "loss": ".loss.png",
-    "accuracy": ".accuracy.png",
-    "confusion": ".confusion.png",
-}
 
 
 def recipe_options(command):
@@ -106,28 +91,16 @@ def _parse_device(ctx, param, value: str) -> torch.device | None:
     return device
 
 
-@dataclass
-class _Start:
-    """Where training starts: a fresh model, or the state of a saved run."""
-
-    model: nn.Module
-    arch: ArchConfig
-    recipe: Recipe
-    epoch: int = 0
-    history: list[dict] = field(default_factory=list)
-    optimizer_state: dict | None = None
-
-
-def _fresh_start(arch: ArchConfig, recipe_fields: dict) -> _Start:
+def _fresh_start(arch: ArchConfig, recipe_fields: dict) -> TrainStart:
     try:
         recipe = Recipe(**recipe_fields)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     torch.manual_seed(recipe.seed)
-    return _Start(arch.build(), arch, recipe)
+    return TrainStart(arch.build(), arch, recipe)
 
 
-def _resumed_start(ctx: click.Context, checkpoint: Path, epochs: int) -> _Start:
+def _resumed_start(ctx: click.Context, checkpoint: Path, epochs: int) -> TrainStart:
     """The run saved in ``checkpoint``; refuses flags that the checkpoint fixes."""
     given = [
         "--" + name.replace("_", "-")
@@ -151,7 +124,7 @@ def _resumed_start(ctx: click.Context, checkpoint: Path, epochs: int) -> _Start:
     recipe = Recipe.from_dict(saved["recipe"])
     if ctx.get_parameter_source("epochs") is not ParameterSource.DEFAULT:
         recipe = replace(recipe, epochs=epochs)
-    return _Start(
+    return TrainStart(
         loaded.module, loaded.arch, recipe, saved["epoch"], saved["history"], saved["optimizer"]
     )
 
@@ -177,33 +150,6 @@ def _check_classes(arch: ArchConfig, *datasets: Dataset) -> None:
         )
 
 
-def _versions() -> dict:
-    versions = {
-        "mbz": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
-    return {name: str(version) for name, version in versions.items()}  # plain str for pickling
-
-
-def _device_name(device: torch.device | None) -> str:
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def _to_cpu(value):
-    """``value`` with every tensor inside moved to the CPU (an optimizer state, say)."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, dict):
-        return {key: _to_cpu(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_to_cpu(item) for item in value)
-    return value
-
-
 def _wandb_run(project: str, config: dict):
     """A W&B run (WANDB_MODE=offline logs without network); a clear error without wandb."""
     try:
@@ -214,123 +160,6 @@ def _wandb_run(project: str, config: dict):
             "to log without a network)"
         ) from None
     return wandb.init(project=project, config=config)
-
-
-class _Recorder:
-    """Rank 0's side of a run: per-epoch CSV, log line, W&B and resumable checkpoint."""
-
-    def __init__(
-        self, output: Path, start: _Start, data: dict, device: str, echo: bool, wandb_run
-    ) -> None:
-        self.output, self.start, self.data, self.device = output, start, data, device
-        self.history = list(start.history)
-        self.echo, self.wandb_run = echo, wandb_run
-
-    def path(self, kind: str) -> Path:
-        """Where an output of ``kind`` (see ``_OUTPUTS``) goes, next to the checkpoint."""
-        return self.output.with_name(self.output.stem + _OUTPUTS[kind])
-
-    def on_epoch(self, stats: dict) -> None:
-        self.history.append(stats)
-        with self.path("csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(stats))
-            writer.writeheader()
-            writer.writerows(self.history)
-        if self.echo:
-            click.echo(_epoch_line(stats, self.start.recipe.epochs), err=True)
-        if self.wandb_run is not None:
-            logged = {key: value for key, value in stats.items() if value is not None}
-            self.wandb_run.log(logged, step=stats["epoch"])
-
-    def on_checkpoint(self, optimizer_state: dict) -> None:
-        """Save the model as it is now, atomically (a crash keeps the previous epoch's)."""
-        last = self.history[-1]
-        partial = self.output.with_name(self.output.name + ".partial")
-        save_checkpoint(
-            partial,
-            self.start.model,
-            self.start.arch,
-            recipe=self.start.recipe.to_dict(),
-            seed=self.start.recipe.seed,
-            epoch=last["epoch"],
-            accuracy=last["val_accuracy"],
-            history=self.history,
-            data=self.data,
-            device=self.device,
-            world_size=int(os.environ.get("WORLD_SIZE", "1")),
-            versions=_versions(),
-            optimizer=_to_cpu(optimizer_state),
-        )
-        os.replace(partial, self.output)
-
-
-def _epoch_line(stats: dict, epochs: int) -> str:
-    return (
-        f"epoch {stats['epoch']}/{epochs}: train loss {stats['train_loss']:.4f} "
-        f"acc {100 * stats['train_accuracy']:.2f}% | test loss {stats['val_loss']:.4f} "
-        f"acc {100 * stats['val_accuracy']:.2f}% | {stats['images_per_s']:,.0f} img/s, "
-        f"{stats['seconds']:.1f} s"
-    )
-
-
-def _write_plots(recorder: _Recorder, test: Dataset, predictions: np.ndarray) -> list[str]:
-    """Loss and accuracy curves and the confusion matrix; their paths."""
-    history = recorder.history
-    epochs = [row["epoch"] for row in history]
-    line_chart(
-        recorder.path("loss"),
-        {
-            "train": (epochs, [row["train_loss"] for row in history]),
-            "test": (epochs, [row["val_loss"] for row in history]),
-        },
-        "Loss per epoch",
-        "epoch",
-        "cross-entropy",
-    )
-    line_chart(
-        recorder.path("accuracy"),
-        {
-            "train": (epochs, [100 * row["train_accuracy"] for row in history]),
-            "test": (epochs, [100 * row["val_accuracy"] for row in history]),
-        },
-        "Top-1 accuracy per epoch",
-        "epoch",
-        "accuracy (%)",
-    )
-    classes = recorder.start.arch.num_classes
-    names = test.classes if len(test.classes) == classes else tuple(map(str, range(classes)))
-    accuracy = float((predictions == test.labels).mean())
-    confusion_matrix_png(
-        recorder.path("confusion"),
-        confusion_matrix(test.labels, predictions, classes),
-        names,
-        f"Confusion matrix: {100 * accuracy:.2f}% on {len(test)} test images",
-    )
-    return [str(recorder.path(kind)) for kind in ("loss", "accuracy", "confusion")]
-
-
-def _finish(recorder: _Recorder, test: Dataset, result: FitResult, began: float) -> dict:
-    """Final test evaluation, plots and W&B summary; the run's summary."""
-    loss, accuracy, predictions = evaluate_model(recorder.start.model, test)
-    plots = _write_plots(recorder, test, predictions)
-    speeds = [row["images_per_s"] for row in result.history]
-    if recorder.wandb_run is not None:
-        recorder.wandb_run.summary.update({"test_accuracy": accuracy, "test_loss": loss})
-        recorder.wandb_run.finish()
-    return {
-        "checkpoint": str(recorder.output),
-        "epochs": recorder.start.recipe.epochs,
-        "epochs_run": len(result.history),
-        "test_accuracy": accuracy,
-        "test_loss": loss,
-        "test_images": len(test),
-        "test_data": test.source,
-        "images_per_s": float(np.median(speeds)) if speeds else None,
-        "device": recorder.device,
-        "seconds": time.perf_counter() - began,
-        "history_csv": str(recorder.path("csv")),
-        "plots": plots,
-    }
 
 
 def _report(summary: dict, as_json: bool) -> None:
@@ -471,12 +300,12 @@ def train_command(
     _check_classes(start.arch, train, test)
     main = is_main_process()
     config = {"recipe": start.recipe.to_dict(), "arch": start.arch.to_dict()}
-    recorder = _Recorder(
+    recorder = RunRecorder(
         output,
         start,
         {"source": data_source, "train_images": len(train), "test_images": len(test)},
-        _device_name(device),
-        echo=not as_json,
+        device_name(device),
+        log=None if as_json else partial(click.echo, err=True),
         wandb_run=_wandb_run(wandb_project, config) if use_wandb and main else None,
     )
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -494,4 +323,4 @@ def train_command(
         progress=not as_json,
     )
     if main:
-        _report(_finish(recorder, test, result, began), as_json)
+        _report(finish_run(recorder, test, result, began), as_json)
