@@ -4,6 +4,7 @@ import click
 
 from mbz import __version__
 from mbz.commands.eval import eval_command
+from mbz.commands.export_onnx import export_onnx_command
 from mbz.commands.inspect import inspect_command
 from mbz.commands.pack import pack_command
 from mbz.commands.train import train_command
@@ -40,4 +41,5 @@ def main() -> None:
 main.add_command(pack_command)
 main.add_command(eval_command)
 main.add_command(inspect_command)
+main.add_command(export_onnx_command)
 main.add_command(train_command)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from mbz.format import MbzFile, SectionInfo, read_mbz
+from mbz.runtime.onnx_export import export_onnx, onnx_bytes
 
 # Part name -> the category ``mbz inspect`` reports it under.
 PART_CATEGORY = {
@@ -88,6 +89,7 @@ def describe(path: str | Path) -> dict:
         header_and_table=layout.header_bytes + layout.table_bytes,
         padding=layout.padding_bytes,
     )
+    runnable = all(key in mbz.metadata for key in ("graph", "preprocess"))
     source = mbz.metadata.get("source", {})
     fp32 = source.get("fp32_bytes")
     return {
@@ -95,6 +97,7 @@ def describe(path: str | Path) -> dict:
         "version": ".".join(map(str, mbz.version)),
         "total_bytes": mbz.file_size,
         "checksums": "ok",
+        "onnx_bytes": onnx_bytes(export_onnx(mbz)) if runnable else None,
         "fp32_bytes": fp32,
         "ratio": fp32 / mbz.file_size if isinstance(fp32, int | float) else None,
         "source_sha256": source.get("sha256"),
@@ -141,6 +144,8 @@ def _dims(shape: list[int]) -> str:
 
 def _summary(facts: dict) -> str:
     text = f"file {facts['total_bytes']} bytes (.mbz v{facts['version']}, checksums ok)"
+    if facts["onnx_bytes"]:
+        text += f"; as ONNX (mbz export-onnx) {facts['onnx_bytes']} bytes"
     if facts["ratio"]:
         text += f"; FP32 model {facts['fp32_bytes']} bytes, ratio {facts['ratio']:.2f}x"
     accuracy = facts["accuracy"]

@@ -3,7 +3,8 @@ the accuracy stored at pack time."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import combinations
 from pathlib import Path
 
 from mbz.data import Dataset
@@ -15,10 +16,11 @@ from mbz.evaluate import (
     evaluate_numpy,
     evaluate_torch,
 )
-from mbz.format import read_mbz
+from mbz.format import MbzFile, read_mbz
 from mbz.runtime import load_program
+from mbz.runtime.onnx_export import OnnxProgram, export_onnx
 
-RUNTIMES = ("numpy", "torch")
+RUNTIMES = ("numpy", "torch", "onnx")
 AGREEMENT_FLOAT = 0.999  # per-image top-1 agreement required with float activations
 AGREEMENT_QUANT = 0.995  # ... and with quantized activations (float summation order differs)
 
@@ -59,19 +61,23 @@ class Report:
         return "\n".join(lines)
 
 
-def _run(runtime: str, path: Path, mbz, dataset: Dataset, progress: Progress) -> EvalResult:
+def _run(
+    runtime: str, path: Path, mbz: MbzFile, dataset: Dataset, progress: Progress
+) -> EvalResult:
     if runtime == "numpy":
         return evaluate_numpy(load_program(path), dataset, progress)
+    if runtime == "onnx":  # exported in memory, weights decoded by onnxruntime at load
+        onnx_program = OnnxProgram(export_onnx(mbz))
+        return replace(evaluate_numpy(onnx_program, dataset, progress), runtime="onnx")
     params = {name: tensor.decode() for name, tensor in mbz.tensors.items()}
     graph, preprocess = mbz.metadata["graph"], mbz.metadata["preprocess"]
     return evaluate_torch(graph, params, preprocess, dataset, progress=progress)
 
 
 def _check(report: Report, tolerance: float, quantized: bool, fingerprint: str) -> None:
-    """Fill ``report.failures`` from the agreement bar and the tolerance."""
+    """Fill ``report.failures`` from the agreement bar and the tolerance, for every pair."""
     bar = AGREEMENT_QUANT if quantized else AGREEMENT_FLOAT
-    first = report.results[0]
-    for other in report.results[1:]:
+    for first, other in combinations(report.results, 2):
         pair = f"{first.runtime}/{other.runtime}"
         report.agreements[pair] = agreement(first, other)
         if report.agreements[pair] < bar:

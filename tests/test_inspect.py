@@ -60,6 +60,10 @@ def test_layer_rows_show_pruning_bits_and_every_byte(tmp_path):
     for row in layers.values():
         assert row["shape_after"][0] == row["kept_channels"][0] <= row["shape_before"][0]
         assert row["codebook_size"] <= (4 if row["op"] == "linear" else 16)
+    onnx_path = tmp_path / "m.onnx"
+    assert CliRunner().invoke(main, ["export-onnx", str(out), "-o", str(onnx_path)]).exit_code == 0
+    assert facts["onnx_bytes"] == onnx_path.stat().st_size
     text = CliRunner().invoke(main, ["inspect", str(out)]).output
+    assert f"as ONNX (mbz export-onnx) {onnx_path.stat().st_size} bytes" in text
     first = facts["layers"][0]
     assert f"{first['kept_channels'][0]}/{first['kept_channels'][1]}" in text

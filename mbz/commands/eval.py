@@ -17,11 +17,12 @@ from mbz.verify import RUNTIMES, verify
 @data_options(required=True)
 @click.option(
     "--runtime",
-    type=click.Choice(["numpy", "torch", "all"]),
+    type=click.Choice([*RUNTIMES, "all"]),
     default="numpy",
     show_default=True,
-    help="numpy: mbz's torch-free runtime; torch: the fake-quant PyTorch model; all: both, "
-    "and their per-image agreement.",
+    help="numpy: mbz's torch-free runtime; torch: the fake-quant PyTorch model; onnx: the file "
+    "exported in memory (as `mbz export-onnx` does) and run by onnxruntime on CPU, 1 thread; "
+    "all: every runtime, and the per-image agreement of each pair.",
 )
 @click.option(
     "--tolerance",

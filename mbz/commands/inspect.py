@@ -18,9 +18,10 @@ def inspect_command(file: Path, as_json: bool) -> None:
 
     Per layer: weight shape before and after channel pruning, kept output channels, encoding
     (+h when Huffman-coded), bits, codebook size k, share of pruned weights and how their mask is
-    stored (bitmap or csr). Byte columns: payload (values, indices or integer codes), codebook (centroids and Huffman code
-    lengths), scales (scales and zero points), mask (bitmap or CSR positions of pruned tensors),
-    then the file-level metadata, header and alignment padding, which add up to the file size.
+    stored (bitmap or csr). Byte columns: payload (values, indices or integer codes), codebook
+    (centroids and Huffman code lengths), scales (scales and zero points), mask (bitmap or CSR
+    positions of pruned tensors), then the file-level metadata, header and alignment padding,
+    which add up to the file size. The summary also gives the size of the file as ONNX.
     """
     facts = describe(file)
     click.echo(json.dumps(facts, indent=2, sort_keys=True) if as_json else format_report(facts))

@@ -1,0 +1,441 @@
+"""The ONNX export against the numpy runtime: every encoding, quantized activations, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.utils
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto
+
+from mbz.cli import main
+from mbz.format import (
+    CodebookTensor,
+    DenseTensor,
+    Entropy,
+    MbzFile,
+    MbzFormatError,
+    Sparsity,
+    UniformTensor,
+    read_mbz,
+    write_mbz,
+)
+from mbz.runtime import load_program
+from mbz.runtime.onnx_export import (
+    INPUT_NAME,
+    IR_VERSION,
+    OPSET,
+    OUTPUT_NAME,
+    OnnxProgram,
+    export_onnx,
+    graph_value,
+    onnx_bytes,
+    onnx_session,
+    tensor_value,
+)
+from tests.helpers import narrow_mobilenet
+from tests.test_runtime import conv_node, graph_of, node, preprocess_for, sqnr_db, tie_values
+
+FLOAT_SQNR_DB = 80.0  # same weights, only the float summation order differs
+SHAPE = (8, 4, 3, 3)  # the conv weight every encoding case is stored as
+
+
+def images(count: int, size: int = 6, channels: int = 4, seed: int = 0) -> np.ndarray:
+    """Random uint8 NHWC images."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (count, size, size, channels), dtype=np.uint8)
+
+
+def _mask(rng: np.random.Generator, density: float) -> np.ndarray:
+    return rng.random(SHAPE) < density
+
+
+def _codebook(rng, bits, k=None, mask=None, entropy=Entropy.FIXED) -> CodebookTensor:
+    k = k or 2**bits
+    codebook = np.sort(rng.standard_normal(k)).astype(np.float32)
+    indices = rng.integers(0, k, SHAPE).astype(np.uint8)
+    return CodebookTensor(codebook, indices, bits, mask=mask, entropy=entropy)
+
+
+def _uniform(rng, bits, axis=None, mask=None, symmetric=False, entropy=Entropy.FIXED):
+    channels = 1 if axis is None else SHAPE[axis]
+    if symmetric:
+        zero_point = np.full(channels, 2 ** (bits - 1), np.uint8)
+    else:
+        zero_point = rng.integers(0, 2**bits, channels).astype(np.uint8)
+    return UniformTensor(
+        qdata=rng.integers(0, 2**bits, SHAPE).astype(np.uint8),
+        scale=rng.uniform(0.01, 0.5, channels).astype(np.float32),
+        zero_point=zero_point,
+        bits=bits,
+        axis=axis,
+        mask=mask,
+        entropy=entropy,
+    )
+
+
+def _dense(rng, dtype, mask=None) -> DenseTensor:
+    return DenseTensor(rng.standard_normal(SHAPE).astype(dtype), mask=mask)
+
+
+# id -> (builder(rng), sparsity the writer must have chosen)
+ENCODINGS = {
+    "f32": (lambda r: _dense(r, np.float32), Sparsity.NONE),
+    "f16": (lambda r: _dense(r, np.float16), Sparsity.NONE),
+    "f32_bitmap": (lambda r: _dense(r, np.float32, _mask(r, 0.6)), Sparsity.BITMAP),
+    "f16_csr": (lambda r: _dense(r, np.float16, _mask(r, 0.05)), Sparsity.CSR),
+    "codebook_2bit": (lambda r: _codebook(r, 2), Sparsity.NONE),
+    "codebook_4bit_k11": (lambda r: _codebook(r, 4, k=11), Sparsity.NONE),
+    "codebook_6bit": (lambda r: _codebook(r, 6), Sparsity.NONE),
+    "codebook_8bit_huffman": (lambda r: _codebook(r, 8, entropy=Entropy.HUFFMAN), Sparsity.NONE),
+    "codebook_3bit_bitmap": (lambda r: _codebook(r, 3, mask=_mask(r, 0.5)), Sparsity.BITMAP),
+    "codebook_huffman_csr": (
+        lambda r: _codebook(r, 5, mask=_mask(r, 0.05), entropy=Entropy.HUFFMAN),
+        Sparsity.CSR,
+    ),
+    "uniform_tensor_asym_4bit": (lambda r: _uniform(r, 4), Sparsity.NONE),
+    "uniform_tensor_sym_8bit": (lambda r: _uniform(r, 8, symmetric=True), Sparsity.NONE),
+    "uniform_channel_asym_3bit": (lambda r: _uniform(r, 3, axis=0), Sparsity.NONE),
+    "uniform_channel_sym_7bit": (lambda r: _uniform(r, 7, axis=0, symmetric=True), Sparsity.NONE),
+    "uniform_axis1_huffman": (
+        lambda r: _uniform(r, 6, axis=1, entropy=Entropy.HUFFMAN),
+        Sparsity.NONE,
+    ),
+    "uniform_channel_bitmap": (
+        lambda r: _uniform(r, 4, axis=0, mask=_mask(r, 0.5)),
+        Sparsity.BITMAP,
+    ),
+    "uniform_tensor_csr": (lambda r: _uniform(r, 2, mask=_mask(r, 0.05)), Sparsity.CSR),
+}
+
+
+def conv_file(path: Path, weight) -> MbzFile:
+    """A .mbz whose conv2d weight is ``weight`` (input 4x6x6, 8 * 6 * 6 outputs), read back."""
+    nodes = [
+        conv_node("conv", "input"),
+        node("act", "relu6", ["conv"]),
+        node("flat", "flatten", ["act"]),
+    ]
+    bias = DenseTensor(np.linspace(-1, 1, SHAPE[0], dtype=np.float32))
+    metadata = {"graph": graph_of(nodes, [4, 6, 6]), "preprocess": preprocess_for(4)}
+    write_mbz(path, metadata, {"conv.weight": weight, "conv.bias": bias})
+    return read_mbz(path)
+
+
+def with_output(model: onnx.ModelProto, value: str) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the float32 ``value``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.output.append(onnx.helper.make_tensor_value_info(value, TensorProto.FLOAT, None))
+    return copy
+
+
+def run_onnx(model: onnx.ModelProto, batch: np.ndarray, extra: str | None = None) -> list:
+    """Outputs of ``model`` (logits, and ``extra`` if given) on uint8 images."""
+    if extra is not None:
+        model = with_output(model, extra)
+    outputs = [OUTPUT_NAME] + ([extra] if extra else [])
+    return onnx_session(model).run(outputs, {INPUT_NAME: batch})
+
+
+@pytest.mark.parametrize(("build", "sparsity"), ENCODINGS.values(), ids=ENCODINGS.keys())
+def test_every_encoding_decodes_exactly_in_graph(tmp_path, build, sparsity) -> None:
+    mbz = conv_file(tmp_path / "m.mbz", build(np.random.default_rng(7)))
+    assert mbz.descriptors["conv.weight"].sparsity == sparsity
+    expected = mbz.tensors["conv.weight"].decode()
+    batch = images(5)
+    numpy_logits = load_program(tmp_path / "m.mbz").predict(batch)
+    for dense in (False, True):
+        model = export_onnx(mbz, dense=dense)
+        onnx.checker.check_model(model, full_check=True)
+        logits, weight = run_onnx(model, batch, tensor_value("conv.weight"))
+        np.testing.assert_array_equal(weight, expected)
+        assert sqnr_db(numpy_logits, logits) >= FLOAT_SQNR_DB
+
+
+def initializer_types(model: onnx.ModelProto) -> Counter:
+    """How many initializers of each ONNX element type the model stores."""
+    return Counter(TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer)
+
+
+def test_codes_stay_compact_and_dense_is_float(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    mbz = conv_file(tmp_path / "m.mbz", _codebook(rng, 4))
+    model, dense = export_onnx(mbz), export_onnx(mbz, dense=True)
+    assert initializer_types(model)["UINT4"] == 1
+    assert set(initializer_types(dense)) == {"FLOAT"}
+    assert "Gather" in {n.op_type for n in model.graph.node}
+    stored = {t.name: len(t.raw_data) for t in model.graph.initializer}
+    assert stored["tensor:conv.weight:indices"] == 288 // 2  # 4 bits per weight
+    assert stored["tensor:conv.weight:codebook"] == 16 * 4
+    assert onnx_bytes(dense) > onnx_bytes(model)
+    assert onnx_bytes(model) == len(model.SerializeToString())
+
+
+def test_per_channel_codes_use_dequantize_linear_axis(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    tensor = _uniform(rng, 8, axis=0)
+    model = export_onnx(conv_file(tmp_path / "m.mbz", tensor))
+    (dq,) = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert onnx.helper.get_node_attr_value(dq, "axis") == 0
+    scale = {t.name: t for t in model.graph.initializer}[dq.input[1]]
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(scale), tensor.scale)
+
+
+def test_batchnorm_on_flat_features(tmp_path) -> None:
+    nodes = [
+        node("gap", "global_avgpool", ["input"]),
+        node("flat", "flatten", ["gap"]),
+        node("bn", "batchnorm", ["flat"], {"scale": "bn.scale", "shift": "bn.shift"}),
+    ]
+    tensors = {
+        "bn.scale": DenseTensor(np.array([0.5, -2.0, 3.0, 1.5], np.float32)),
+        "bn.shift": DenseTensor(np.array([1.0, 0.0, -1.0, 0.25], np.float16)),
+    }
+    metadata = {"graph": graph_of(nodes, [4, 6, 6]), "preprocess": preprocess_for(4)}
+    write_mbz(tmp_path / "bn.mbz", metadata, tensors)
+    batch = images(6)
+    logits = OnnxProgram(export_onnx(read_mbz(tmp_path / "bn.mbz"))).predict(batch)
+    assert sqnr_db(load_program(tmp_path / "bn.mbz").predict(batch), logits) >= FLOAT_SQNR_DB
+
+
+# -------------------------------------------------------------------- quantized activations
+
+
+def quantized_file(path: Path, channels: int = 4, size: int = 6) -> MbzFile:
+    """A small classifier of ``channels`` x ``size`` x ``size`` images with every op kind and
+    quantize nodes of 8, 4 and 2 bits, its weights in mixed encodings (codebook, uniform,
+    sparse, float16)."""
+    rng = np.random.default_rng(3)
+    pool = {"kernel": [2, 2], "stride": [2, 2], "padding": [0, 0]}
+    avg = {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1]}
+    nodes = [
+        node("qin", "quantize", ["input"], attrs={"bits": 8, "scale": 0.02, "zero_point": 128}),
+        conv_node("c1", "qin"),
+        node("a1", "relu6", ["c1"]),
+        node("q1", "quantize", ["a1"], attrs={"bits": 8, "scale": 6 / 255, "zero_point": 0}),
+        conv_node("c2", "q1", groups=8),
+        node("bn", "batchnorm", ["c2"], {"scale": "bn.scale", "shift": "bn.shift"}),
+        node("a2", "relu", ["bn"]),
+        node("q2", "quantize", ["a2"], attrs={"bits": 4, "scale": 0.11, "zero_point": 0}),
+        node("sum", "add", ["q2", "q1"]),
+        node("q3", "quantize", ["sum"], attrs={"bits": 2, "scale": 0.5, "zero_point": 1}),
+        node("avg", "avgpool2d", ["q3"], attrs=avg),
+        node("max", "maxpool2d", ["avg"], attrs=pool),
+        node("gap", "global_avgpool", ["max"]),
+        node("flat", "flatten", ["gap"]),
+        node("fc", "linear", ["flat"], {"weight": "fc.weight", "bias": "fc.bias"}),
+    ]
+    tensors = {
+        "c1.weight": CodebookTensor(
+            np.sort(rng.standard_normal(16)).astype(np.float32) * np.float32(0.3),
+            rng.integers(0, 16, (8, channels, 3, 3)).astype(np.uint8),
+            4,
+        ),
+        "c1.bias": DenseTensor(rng.standard_normal(8).astype(np.float16)),
+        "c2.weight": UniformTensor(
+            rng.integers(0, 256, (8, 1, 3, 3)).astype(np.uint8),
+            rng.uniform(0.001, 0.005, 8).astype(np.float32),
+            rng.integers(100, 156, 8).astype(np.uint8),
+            8,
+            axis=0,
+        ),
+        "c2.bias": DenseTensor(rng.standard_normal(8).astype(np.float32)),
+        "bn.scale": DenseTensor(rng.uniform(0.5, 2, 8).astype(np.float32)),
+        "bn.shift": DenseTensor(rng.standard_normal(8).astype(np.float32)),
+        "fc.weight": CodebookTensor(
+            np.linspace(-1, 1, 4, dtype=np.float32),
+            rng.integers(0, 4, (10, 8)).astype(np.uint8),
+            2,
+            mask=rng.random((10, 8)) < 0.5,
+        ),
+        "fc.bias": DenseTensor(np.zeros(10, np.float32)),
+    }
+    shape = [channels, size, size]
+    metadata = {"graph": graph_of(nodes, shape), "preprocess": preprocess_for(channels)}
+    write_mbz(path, metadata, tensors)
+    return read_mbz(path)
+
+
+def test_quantized_activations_match_numpy(tmp_path) -> None:
+    mbz = quantized_file(tmp_path / "q.mbz")
+    model = export_onnx(mbz)
+    onnx.checker.check_model(model, full_check=True)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["QuantizeLinear"] == 4  # one per quantize node
+    assert ops["DequantizeLinear"] == 4 + 1  # and the per-channel uniform weight c2
+    batch = images(64, seed=4)
+    numpy_logits = load_program(tmp_path / "q.mbz").predict(batch)
+    logits = OnnxProgram(model).predict(batch, batch_size=24)
+    agree = (numpy_logits.argmax(1) == logits.argmax(1)).mean()
+    assert agree >= 0.995
+    assert sqnr_db(numpy_logits, logits) >= 50.0  # a few values may land across a step
+
+
+def sub_model(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+    """The part of ``model`` between ``inputs`` and ``outputs`` (onnx.utils.Extractor)."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    part = onnx.utils.Extractor(inferred).extract_model(inputs, outputs)
+    part.ir_version = IR_VERSION
+    return part
+
+
+QUANT_CASES = [(8, 0.25, 0), (8, 0.1, 128), (4, 0.5, 3), (2, 1.0, 1), (1, 0.3, 0), (8, 0.0173, 77)]
+
+
+@pytest.mark.parametrize(("bits", "scale", "zero_point"), QUANT_CASES)
+def test_quantize_is_bit_exact(tmp_path, bits: int, scale: float, zero_point: int) -> None:
+    attrs = {"bits": bits, "scale": scale, "zero_point": zero_point}
+    nodes = [node("q", "quantize", ["input"], attrs=attrs), node("flat", "flatten", ["q"])]
+    metadata = {"graph": graph_of(nodes, [1, 2, 2]), "preprocess": preprocess_for(1)}
+    write_mbz(tmp_path / "q.mbz", metadata, {})
+    model = export_onnx(read_mbz(tmp_path / "q.mbz"))
+    x = tie_values(scale, zero_point, bits)
+    x = x[: x.size // 4 * 4].reshape(-1, 1, 2, 2)
+    part = sub_model(model, [graph_value("input", metadata["graph"])], [OUTPUT_NAME])
+    got = onnx_session(part).run(None, {part.graph.input[0].name: x})[0]
+    ref = torch.fake_quantize_per_tensor_affine(
+        torch.from_numpy(x), scale, zero_point, 0, 2**bits - 1
+    )
+    np.testing.assert_array_equal(got, ref.numpy().reshape(got.shape))
+
+
+def test_preprocessing_is_bit_exact(tmp_path) -> None:
+    mbz = conv_file(tmp_path / "m.mbz", _dense(np.random.default_rng(0), np.float32))
+    model = export_onnx(mbz)
+    graph_input = graph_value(mbz.metadata["graph"]["input"], mbz.metadata["graph"])
+    batch = images(7, seed=5)
+    got = onnx_session(sub_model(model, [INPUT_NAME], [graph_input])).run(None, {INPUT_NAME: batch})
+    expected = load_program(tmp_path / "m.mbz").preprocess_images(batch).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(got[0], expected)
+
+
+# ------------------------------------------------------------------ runtime wrapper, no torch
+
+
+def test_onnx_program_predict(tmp_path) -> None:
+    program = OnnxProgram(export_onnx(quantized_file(tmp_path / "q.mbz")))
+    batch, counts = images(9, seed=6), []
+    chunked = program.predict(batch, batch_size=4, progress=counts.append)
+    assert counts == [4, 4, 1]
+    np.testing.assert_array_equal(chunked, program.predict(batch))
+    assert program.predict(batch[:0]).shape == (0, 10)
+    with pytest.raises(ValueError):
+        program.predict(batch[:, :5])
+    with pytest.raises(ValueError):
+        program.predict(batch.astype(np.float32))
+
+
+def test_export_rejects_a_file_without_graph(tmp_path) -> None:
+    write_mbz(tmp_path / "bare.mbz", {}, {"w": DenseTensor(np.ones(3, np.float32))})
+    with pytest.raises(MbzFormatError, match="graph"):
+        export_onnx(read_mbz(tmp_path / "bare.mbz"))
+
+
+def test_export_runs_without_torch(tmp_path) -> None:
+    path = tmp_path / "m.mbz"
+    conv_file(path, _codebook(np.random.default_rng(0), 4))
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import numpy as np\n"
+        "from mbz.format import read_mbz\n"
+        "from mbz.runtime.onnx_export import OnnxProgram, export_onnx\n"
+        f"model = export_onnx(read_mbz({str(path)!r}))\n"
+        "out = OnnxProgram(model).predict(np.zeros((2, 6, 6, 4), np.uint8))\n"
+        "assert out.shape == (2, 288)\n"
+        "assert 'torch' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_export_onnx(tmp_path) -> None:
+    mbz = quantized_file(tmp_path / "q.mbz")
+    result = invoke("export-onnx", tmp_path / "q.mbz", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    written = tmp_path / "q.onnx"
+    assert summary["path"] == str(written)
+    assert summary["onnx_bytes"] == written.stat().st_size
+    assert summary["mbz_bytes"] == mbz.file_size == (tmp_path / "q.mbz").stat().st_size
+    assert (summary["opset"], summary["ir_version"]) == (OPSET, IR_VERSION)
+    model = onnx.load(written)
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version == OPSET and model.ir_version == IR_VERSION
+    batch = images(8, seed=8)
+    np.testing.assert_array_equal(
+        OnnxProgram(model).predict(batch), OnnxProgram(export_onnx(mbz)).predict(batch)
+    )
+
+    text = invoke("export-onnx", tmp_path / "q.mbz", "--dense", "-o", tmp_path / "d.onnx")
+    assert text.exit_code == 0, text.output
+    size = (tmp_path / "d.onnx").stat().st_size
+    assert f"{size:,} bytes ONNX" in text.output and f".mbz {mbz.file_size:,} bytes" in text.output
+
+
+def test_cli_export_onnx_bad_file(tmp_path) -> None:
+    bad = tmp_path / "bad.mbz"
+    bad.write_bytes(b"not an mbz file at all")
+    result = CliRunner().invoke(main, ["export-onnx", str(bad)])
+    assert result.exit_code == 1
+    assert "not a valid .mbz file" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_eval_onnx_with_quantized_activations(tmp_path) -> None:
+    quantized_file(tmp_path / "q.mbz", channels=3, size=32)
+    data = tmp_path / "data.npz"
+    batch = images(40, size=32, channels=3, seed=9)
+    np.savez(data, x_test=batch, y_test=np.arange(40) % 10)
+    result = invoke("eval", tmp_path / "q.mbz", "--data", data, "--runtime", "onnx", "--json")
+    assert result.exit_code == 0, result.output
+    (onnx_result,) = json.loads(result.output)["results"]
+    assert onnx_result["runtime"] == "onnx" and onnx_result["images"] == 40
+    logits = load_program(tmp_path / "q.mbz").predict(batch)
+    numpy_accuracy = float((logits.argmax(1) == np.arange(40) % 10).mean())
+    assert abs(onnx_result["accuracy"] - numpy_accuracy) <= 1 / 40
+
+
+def test_pack_then_eval_all_runtimes(tmp_path) -> None:
+    model_path, data = tmp_path / "model.pt", tmp_path / "data.npz"
+    torch.save(narrow_mobilenet().state_dict(), model_path)
+    rng = np.random.default_rng(0)
+    np.savez(
+        data,
+        x_test=rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 48),
+    )
+    out = tmp_path / "m.mbz"
+    packed = invoke(
+        "pack", model_path, "--prune", 0.36, "--bits", "conv=4,fc=2", "-o", out, "--data", data
+    )
+    assert packed.exit_code == 0, packed.output
+    result = invoke("eval", out, "--data", data, "--runtime", "all", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["ok"], report["failures"]
+    assert [r["runtime"] for r in report["results"]] == ["numpy", "torch", "onnx"]
+    assert set(report["agreement"]) == {"numpy/torch", "numpy/onnx", "torch/onnx"}
+    assert min(report["agreement"].values()) >= 0.999
