@@ -77,3 +77,15 @@ def progress_bar(total: int, label: str, enabled: bool = True) -> Iterator[Calla
         return
     with click.progressbar(length=total, label=label, file=click.get_text_stream("stderr")) as bar:
         yield bar.update
+
+
+def import_wandb():
+    """The optional wandb package, or a ClickException that says how to install it."""
+    try:
+        import wandb  # optional dependency
+    except ImportError:
+        raise click.ClickException(
+            "--wandb needs the wandb package: pip install wandb (it logs offline, without a "
+            "network, with WANDB_MODE=offline; `wandb sync` uploads later)"
+        ) from None
+    return wandb

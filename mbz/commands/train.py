@@ -13,6 +13,7 @@ import torch
 from click.core import ParameterSource
 
 from mbz.checkpoint import load_model
+from mbz.commands.params import import_wandb
 from mbz.data import Dataset, load_split
 from mbz.errors import MbzError
 from mbz.models import ArchConfig
@@ -152,14 +153,7 @@ def _check_classes(arch: ArchConfig, *datasets: Dataset) -> None:
 
 def _wandb_run(project: str, config: dict):
     """A W&B run (WANDB_MODE=offline logs without network); a clear error without wandb."""
-    try:
-        import wandb  # optional dependency
-    except ImportError:
-        raise click.ClickException(
-            "--wandb needs the wandb package: pip install wandb (and set WANDB_MODE=offline "
-            "to log without a network)"
-        ) from None
-    return wandb.init(project=project, config=config)
+    return import_wandb().init(project=project, config=config)
 
 
 def _report(summary: dict, as_json: bool) -> None:
