@@ -7,6 +7,8 @@ from mbz.commands.eval import eval_command
 from mbz.commands.export_onnx import export_onnx_command
 from mbz.commands.inspect import inspect_command
 from mbz.commands.pack import pack_command
+from mbz.commands.report import report_command
+from mbz.commands.sweep import sweep_command
 from mbz.commands.train import train_command
 from mbz.errors import MbzError
 from mbz.format import MbzFormatError
@@ -43,3 +45,5 @@ main.add_command(eval_command)
 main.add_command(inspect_command)
 main.add_command(export_onnx_command)
 main.add_command(train_command)
+main.add_command(sweep_command)
+main.add_command(report_command)

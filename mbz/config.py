@@ -11,10 +11,23 @@ VALID_BITS = (*range(1, 9), *FLOAT_BITS)
 GROUPS = ("conv", "fc", "dw", "pw", "first")
 METHODS = ("kmeans", "uniform")
 PRUNE_MODES = ("channel", "weight")
+# Activation points (SPEC.md section 7): the network input, every relu/relu6 output, every
+# residual add output, and every projection conv output that ends a block without a residual.
+ACT_GROUPS = ("input", "relu", "add", "proj")
+ACT_ALL = ("relu", "add", "proj")  # what a bare ``--act-bits N`` sets; the input only on request
+ACT_FLOAT = 32  # activation bits that keep a point in float32
+VALID_ACT_BITS = (*range(1, 9), ACT_FLOAT)
+CALIB_METHODS = ("min-max", "percentile", "mse")
 # Which rule wins when several match a layer: a name glob beats ``first``, which beats the kind
 # of convolution (``dw``/``pw``), which beats the layer family (``conv``/``fc``).
 _PRECEDENCE = {"conv": 0, "fc": 0, "dw": 1, "pw": 1, "first": 2}
+_ACT_PRECEDENCE = dict.fromkeys(ACT_GROUPS, 0)  # each point is in exactly one group
 _GLOB_PRECEDENCE = 3
+# Pack config fields that only matter with quantized activations; left out of the metadata
+# without them, so that files packed without --act-bits stay byte-identical.
+_ACT_FIELDS = ("act_bits", "calib", "calib_images", "calib_percentile")
+# Fine-tuning fields (``--finetune-epochs`` > 0); left out of the metadata without fine-tuning.
+_FINETUNE_FIELDS = ("finetune_epochs", "finetune_lr", "l1", "prune_steps", "val_fraction", "seed")
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,19 @@ class LayerInfo:
         if self.first:
             found.add("first")
         return found
+
+
+@dataclass(frozen=True)
+class ActPoint:
+    """What an ``--act-bits`` rule can select on: the name of the node whose output is
+    quantized (``input`` for the network input) and its group (one of ACT_GROUPS)."""
+
+    name: str
+    group: str
+
+    def groups(self) -> set[str]:
+        """The ``--act-bits`` group this point belongs to."""
+        return {self.group}
 
 
 def parse_bits(text: str) -> dict[str, int]:
@@ -62,18 +88,54 @@ def parse_bits(text: str) -> dict[str, int]:
     return rules
 
 
-def bits_for(rules: dict[str, int], layer: LayerInfo, default: int) -> int:
-    """The bits the rules give ``layer``: the most specific matching rule, ``default`` if none."""
+def parse_act_bits(text: str) -> dict[str, int]:
+    """Parse ``--act-bits``: a bare ``8`` (relu, add and proj points), rules such as
+    ``relu=4,add=8,input=8``, node-name globs, or a mix (``8,input=8``). 32 keeps float.
+
+    Raises ValueError with a message that says what is accepted.
+    """
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise ValueError("no activation bits given: use for example 8, or relu=4,add=8")
+    rules: dict[str, int] = {}
+    for item in (i for i in items if "=" not in i):
+        try:
+            rules.update(dict.fromkeys(ACT_ALL, int(item)))
+        except ValueError:
+            raise ValueError(f"'{item}' is neither BITS nor GROUP=BITS (e.g. relu=4)") from None
+    named = [item for item in items if "=" in item]
+    if named:
+        rules.update(parse_bits(",".join(named)))
+    wrong = {key: bits for key, bits in rules.items() if bits not in VALID_ACT_BITS}
+    if wrong:
+        raise ValueError(f"activation bits {wrong}: use 1 to 8, or 32 to keep float activations")
+    return rules
+
+
+def bits_for(
+    rules: dict[str, int],
+    layer: LayerInfo | ActPoint,
+    default: int,
+    precedence: dict[str, int] = _PRECEDENCE,
+) -> int:
+    """The bits the rules give ``layer``: the most specific matching rule, ``default`` if none.
+
+    ``precedence`` ranks the group selectors (name globs rank above them all)."""
     best, best_rank = default, -1
     groups = layer.groups()
     for selector, bits in rules.items():
-        if selector in GROUPS:
-            rank = _PRECEDENCE[selector] if selector in groups else -1
+        if selector in precedence:
+            rank = precedence[selector] if selector in groups else -1
         else:
             rank = _GLOB_PRECEDENCE if fnmatch.fnmatchcase(layer.name, selector) else -1
         if rank >= best_rank and rank >= 0:
             best, best_rank = bits, rank
     return best
+
+
+def act_bits_for(rules: dict[str, int], point: ActPoint) -> int:
+    """The activation bits the rules give ``point``; ACT_FLOAT (float32) when none matches."""
+    return bits_for(rules, point, ACT_FLOAT, _ACT_PRECEDENCE)
 
 
 @dataclass
@@ -91,6 +153,16 @@ class PackConfig:
     mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
     kmeans_iters: int = 30
+    act_bits: dict[str, int] = field(default_factory=dict)  # empty: float activations
+    calib: str = "mse"
+    calib_images: int = 256
+    calib_percentile: float = 99.99
+    finetune_epochs: int = 0  # 0: post-training compression only
+    finetune_lr: float = 0.01  # peak learning rate of each fine-tuning run (cosine to 0)
+    l1: float = 1e-4  # L1 penalty on BatchNorm gammas while fine-tuning channel pruning
+    prune_steps: int = 2  # rounds of channel pruning, each followed by fine-tuning
+    val_fraction: float = 0.1  # share of the train split held out to pick the best epoch
+    seed: int = 0  # the held-out split, shuffling and augmentation of fine-tuning
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -112,11 +184,43 @@ class PackConfig:
             raise ValueError("symmetric uniform quantization needs at least 2 bits")
         if any(s <= 0 for s in self.std) or len(self.std) != 3 or len(self.mean) != 3:
             raise ValueError("mean and std need 3 values each, std > 0")
+        self._validate_activations()
+        self._validate_finetuning()
+
+    def _validate_activations(self) -> None:
+        if any(b not in VALID_ACT_BITS for b in self.act_bits.values()):
+            raise ValueError(f"activation bits {self.act_bits}: every value must be 1-8 or 32")
+        if self.calib not in CALIB_METHODS:
+            choices = ", ".join(CALIB_METHODS)
+            raise ValueError(f"calibration '{self.calib}': choose one of {choices}")
+        if self.calib_images < 1:
+            raise ValueError(f"calibration images {self.calib_images} must be at least 1")
+        if not 50.0 < self.calib_percentile <= 100.0:
+            raise ValueError(f"calibration percentile {self.calib_percentile} must be in (50, 100]")
+
+    def _validate_finetuning(self) -> None:
+        checks = {
+            f"fine-tuning epochs {self.finetune_epochs} must be >= 0": self.finetune_epochs >= 0,
+            f"fine-tuning learning rate {self.finetune_lr} must be > 0": self.finetune_lr > 0,
+            f"L1 penalty {self.l1} must be >= 0": self.l1 >= 0,
+            f"prune steps {self.prune_steps} must be >= 1": self.prune_steps >= 1,
+            f"held-out fraction {self.val_fraction} must be in (0, 1)": 0 < self.val_fraction < 1,
+        }
+        problems = [message for message, ok in checks.items() if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (tuples as lists)."""
+        """JSON-ready dict (tuples as lists); the activation fields only with ``act_bits``, the
+        fine-tuning fields only with ``finetune_epochs``."""
         out = asdict(self)
         out["mean"], out["std"] = list(self.mean), list(self.std)
+        if not self.act_bits:
+            for key in _ACT_FIELDS:
+                del out[key]
+        if not self.finetune_epochs:
+            for key in _FINETUNE_FIELDS:
+                del out[key]
         return out
 
     @classmethod

@@ -1,7 +1,9 @@
-"""``model.pt`` -> ``.mbz``: capture, prune, fold BatchNorm, quantize, evaluate, write."""
+"""``model.pt`` -> ``.mbz``: capture, prune, fold BatchNorm, quantize weights, calibrate
+activations, evaluate, write."""
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,16 +11,20 @@ from pathlib import Path
 import numpy as np
 
 from mbz import __version__
+from mbz.calibrate import calibrate
 from mbz.capture import capture
 from mbz.checkpoint import LoadedModel
 from mbz.config import LayerInfo, PackConfig, bits_for
 from mbz.data import Dataset
+from mbz.errors import MbzError
 from mbz.evaluate import Progress, data_fingerprint, evaluate_torch
+from mbz.finetune import Tuning, finetune_quantized, prune_weights, slim
 from mbz.fold import fold_batchnorm
 from mbz.format import DenseTensor, write_mbz
 from mbz.graph_ops import is_depthwise, is_pointwise, weight_nodes
-from mbz.prune import magnitude_masks, prune_channels
+from mbz.prune import magnitude_masks, prune_channels, prune_zeroed_channels
 from mbz.quantize import Tensor, quantize_weight
+from mbz.runtime import Program
 
 
 @dataclass
@@ -30,6 +36,8 @@ class PackResult:
     fp32_bytes: int
     accuracy: dict | None
     seconds: float
+    activation_peak_bytes: dict[str, int] | None = None  # per image: float32 vs quantized
+    finetune: list[dict] | None = None  # per fine-tuning epoch: stage, loss, accuracies
 
     @property
     def ratio(self) -> float:
@@ -45,6 +53,8 @@ class PackResult:
             "ratio": self.ratio,
             "accuracy": self.accuracy,
             "seconds": self.seconds,
+            "activation_peak_bytes": self.activation_peak_bytes,
+            "finetune": self.finetune,
         }
 
 
@@ -99,22 +109,30 @@ def _shapes(graph: dict, params: dict[str, np.ndarray]) -> dict[str, list[int]]:
     return {n["name"]: list(params[n["params"]["weight"]].shape) for n in weight_nodes(graph)}
 
 
-def compress(loaded: LoadedModel, config: PackConfig) -> tuple[dict, dict[str, Tensor], dict]:
-    """Capture and compress a model: returns (graph, tensors, per-layer facts)."""
-    captured = capture(loaded.module)
+def compress(
+    loaded: LoadedModel, config: PackConfig, tuning: Tuning | None = None
+) -> tuple[dict, dict[str, np.ndarray], dict[str, Tensor], dict]:
+    """Capture and compress a model: returns (graph, float params as pruned and folded,
+    tensors, per-layer facts). With ``tuning``, pruning is fine-tuned (``mbz.finetune``)."""
+    slimmed = tuning is not None and config.prune_mode == "channel" and config.prune > 0
+    captured = capture(slim(loaded.module, tuning) if slimmed else loaded.module)
     graph, params, gamma = captured.graph, captured.params, captured.bn_gamma
     before = _shapes(graph, params)
-    if config.prune_mode == "channel":
+    if slimmed:
+        prune_zeroed_channels(graph, params, gamma)
+    elif config.prune_mode == "channel":
         prune_channels(graph, params, gamma, config.prune)
     fold_batchnorm(graph, params)
     masks = {}
-    if config.prune_mode == "weight" and config.prune > 0:
+    if config.prune_mode == "weight" and config.prune > 0 and tuning is not None:
+        masks = prune_weights(graph, params, tuning)
+    elif config.prune_mode == "weight" and config.prune > 0:
         masks = magnitude_masks(graph, params, config.prune)
     tensors, layers = quantize_graph(graph, params, config, masks)
     after = _shapes(graph, params)
     for name, facts in layers.items():
         facts.update(shape_before=before[name], shape_after=after[name])
-    return graph, tensors, layers
+    return graph, params, tensors, layers
 
 
 def build_metadata(
@@ -156,21 +174,90 @@ def measure_accuracy(
     }
 
 
+def activation_peaks(
+    float_graph: dict,
+    graph: dict,
+    params: dict[str, np.ndarray],
+    preprocess: dict,
+    image: np.ndarray,
+) -> dict[str, int]:
+    """Peak bytes of live activations for one uint8 ``image`` [1, H, W, C], as the numpy
+    runtime measures them while it runs ``float_graph`` and the activation-quantized ``graph``."""
+    peaks = {}
+    for key, each in (("float32", float_graph), ("quantized", graph)):
+        program = Program(each, params, preprocess)
+        program.predict(image, batch_size=1)
+        peaks[key] = program.last_peak_bytes_per_image
+    return peaks
+
+
+def quantize_activations(
+    graph: dict,
+    tensors: dict[str, Tensor],
+    preprocess: dict,
+    config: PackConfig,
+    calibration: Dataset | None,
+    progress: Progress = None,
+) -> dict[str, int]:
+    """Insert and calibrate the quantize nodes ``config.act_bits`` asks for (``graph`` changes
+    in place); returns the activation peak bytes per image, float32 vs quantized."""
+    if calibration is None or not len(calibration):
+        raise MbzError(
+            "quantized activations need calibration images: pass --data with a train split"
+        )
+    params = {name: tensor.decode() for name, tensor in tensors.items()}
+    float_graph = copy.deepcopy(graph)
+    calibrate(graph, params, preprocess, calibration, config, progress)
+    return activation_peaks(float_graph, graph, params, preprocess, calibration.images[:1])
+
+
 def pack(
     loaded: LoadedModel,
     config: PackConfig,
     output: Path,
     dataset: Dataset | None = None,
     progress: Progress = None,
+    calibration: Dataset | None = None,
+    tuning: Tuning | None = None,
 ) -> PackResult:
-    """Compress ``loaded`` with ``config``, write ``output``, evaluate on ``dataset`` if given."""
+    """Compress ``loaded`` with ``config``, write ``output``, evaluate on ``dataset`` if given.
+
+    With ``config.act_bits``, activations are calibrated on ``calibration`` (training images)
+    after the weights are quantized, so the accuracy measured is the fully quantized model's.
+    With ``config.finetune_epochs``, ``tuning`` (``Tuning.of(train split, config)``) fine-tunes
+    the pruning and then the quantized model, activation quantization included.
+    """
     start = time.perf_counter()
-    graph, tensors, layers = compress(loaded, config)
+    tuning = _checked_tuning(config, tuning)
+    graph, params, tensors, layers = compress(loaded, config, tuning)
     metadata = build_metadata(loaded, config, graph, layers, None)
+    peaks = None
+    if config.act_bits:
+        peaks = quantize_activations(
+            graph, tensors, metadata["preprocess"], config, calibration, progress
+        )
+    if tuning is not None:
+        tensors = finetune_quantized(graph, params, tensors, tuning)
     if dataset is not None:
         metadata["accuracy"] = measure_accuracy(
             graph, tensors, metadata["preprocess"], dataset, progress
         )
     size = write_mbz(output, metadata, tensors)
     seconds = time.perf_counter() - start
-    return PackResult(output, size, loaded.fp32_bytes, metadata["accuracy"], seconds)
+    history = tuning.history if tuning is not None else None
+    return PackResult(
+        output, size, loaded.fp32_bytes, metadata["accuracy"], seconds, peaks, history
+    )
+
+
+def _checked_tuning(config: PackConfig, tuning: Tuning | None) -> Tuning | None:
+    """``tuning`` when ``config`` asks for fine-tuning (MbzError if it is missing), else None."""
+    if not config.finetune_epochs:
+        return None
+    if tuning is None:
+        raise MbzError(
+            "fine-tuning (--finetune-epochs) needs training images: pass --data with a train split"
+        )
+    if tuning.config != config:
+        raise ValueError("tuning was prepared for another pack config: use Tuning.of(..., config)")
+    return tuning

@@ -190,6 +190,35 @@ def prune_channels(
         apply_channels(plan_channels(graph, params, bn_gamma, fraction), params, bn_gamma)
 
 
+def batchnorm_keep_masks(
+    plan: ChannelPlan, bn_gamma: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Per batchnorm node name: True for each channel ``plan`` keeps (all, in unpruned spaces)."""
+    masks = {}
+    for node, role, space in plan.spaces.members:
+        if role == "bn":
+            mask = np.ones(bn_gamma[node["name"]].size, dtype=bool)
+            keep = plan.keep.get(plan.spaces.find(space))
+            if keep is not None:
+                mask[:] = False
+                mask[keep] = True
+            masks[node["name"]] = mask
+    return masks
+
+
+def prune_zeroed_channels(
+    graph: dict, params: dict[str, np.ndarray], bn_gamma: dict[str, np.ndarray]
+) -> None:
+    """Remove, in place, exactly the channels of prunable spaces whose every BatchNorm gamma is
+    zero: the channels that fine-tuning held at zero (their gamma and beta masked), so the
+    smaller network computes what the masked one did."""
+    spaces = analyse(graph, params)
+    keep = {
+        root: np.flatnonzero(score != 0) for root, score in _space_scores(spaces, bn_gamma).items()
+    }
+    apply_channels(ChannelPlan(keep=keep, spaces=spaces), params, bn_gamma)
+
+
 def magnitude_masks(
     graph: dict, params: dict[str, np.ndarray], fraction: float
 ) -> dict[str, np.ndarray]:

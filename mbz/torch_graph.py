@@ -86,13 +86,16 @@ class GraphModule(nn.Module):
         value = torch.tensor(np.asarray(params[name], dtype=np.float32))
         self.register_buffer(self.slots[name], value)
 
+    def node_tensors(self, node: dict) -> dict[str, torch.Tensor]:
+        """The tensors ``node`` reads, by role (``weight``, ``bias``...)."""
+        return {role: self.get_buffer(self.slots[n]) for role, n in node["params"].items()}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, classes]`` of a preprocessed float32 batch ``[N, C, H, W]``."""
         values = {self.input_name: x}
         for node in self.nodes:
-            params = {role: self.get_buffer(self.slots[n]) for role, n in node["params"].items()}
             inputs = [values[name] for name in node["inputs"]]
-            values[node["output"]] = OPS[node["op"]](inputs, params, node["attrs"])
+            values[node["output"]] = OPS[node["op"]](inputs, self.node_tensors(node), node["attrs"])
         return values[self.output_name]
 
 

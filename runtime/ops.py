@@ -5,40 +5,48 @@ kernel taps, never over pixels or channels. Element-wise kernels take an optiona
 (which may be their input) so that the program can run them in place. Every kernel accepts a
 ``pool``; the large ones take their arrays from it: reusing memory across the batches of a run
 avoids the page faults of fresh allocations, which otherwise cost as much as the arithmetic.
+
+Quantized activations are held as integer codes (``Codes``: ``encode`` and ``decode``), bit-packed
+when they have 4 bits or fewer, so that a quantized value takes 1/4 to 1/32 of its float32 bytes.
+The 1x1 and depthwise convolutions read and write codes a cache-sized block at a time.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 F32 = np.float32
+U8 = np.uint8
 CACHE_BLOCK_BYTES = 256 * 1024  # output bytes per depthwise block, well inside a core's L2
+CODE_WIDTHS = (1, 2, 4, 8)  # bits per stored code: the narrowest of these that holds the bits
 Pair = tuple[int, int]
 Shape = tuple[int, ...]
 Clip = tuple[float, float] | None  # a fused relu / relu6: (low, high) bounds
 
 
 class BufferPool:
-    """Float32 arrays recycled by exact shape (one pool per run; not thread-safe)."""
+    """Arrays recycled by exact shape and dtype (one pool per run; not thread-safe)."""
 
     def __init__(self) -> None:
         """An empty pool."""
-        self._free: dict[Shape, list[np.ndarray]] = {}
+        self._free: dict[tuple[Shape, np.dtype], list[np.ndarray]] = {}
 
-    def take(self, shape: Shape) -> np.ndarray:
-        """An uninitialised C-contiguous float32 array of ``shape``."""
-        stack = self._free.get(tuple(shape))
-        return stack.pop() if stack else np.empty(shape, dtype=F32)
+    def take(self, shape: Shape, dtype: type = F32) -> np.ndarray:
+        """An uninitialised C-contiguous array of ``shape`` (float32 unless ``dtype``)."""
+        stack = self._free.get((tuple(shape), np.dtype(dtype)))
+        return stack.pop() if stack else np.empty(shape, dtype=dtype)
 
     def give(self, array: np.ndarray) -> None:
         """Hand back an array from ``take`` that nothing reads any more."""
-        self._free.setdefault(array.shape, []).append(array)
+        self._free.setdefault((array.shape, array.dtype), []).append(array)
 
 
-def _take(pool: BufferPool | None, shape: Shape) -> np.ndarray:
-    return np.empty(shape, dtype=F32) if pool is None else pool.take(shape)
+def _take(pool: BufferPool | None, shape: Shape, dtype: type = F32) -> np.ndarray:
+    return np.empty(shape, dtype=dtype) if pool is None else pool.take(shape, dtype)
 
 
 def _give(pool: BufferPool | None, array: np.ndarray) -> None:
@@ -148,60 +156,142 @@ def _out_hw(x: np.ndarray, kernel: Pair, stride: Pair, padding: Pair, dilation: 
 
 
 def conv_pointwise(
-    x: np.ndarray,
+    x: np.ndarray | Codes,
     weight: np.ndarray,
     bias: np.ndarray,
     stride: Pair,
     padding: Pair,
     clip: Clip = None,
+    quant: dict | None = None,
     pool: BufferPool | None = None,
-) -> np.ndarray:
+) -> np.ndarray | Codes:
     """1x1 convolution without groups: a matmul per block of image rows, each finished (bias,
-    optional ``clip``) while it is still in cache. ``weight`` is [C, O]."""
+    optional ``clip``, then ``encode`` when ``quant`` holds its bits, scale and zero point)
+    while it is still in cache. ``weight`` is [C, O]. Codes are decoded a block at a time."""
     if padding != (0, 0) or stride != (1, 1):
+        x = as_float(x, pool)
         x = np.ascontiguousarray(pad_nhwc(x, padding)[:, :: stride[0], :: stride[1], :])
     n, h, w, c = x.shape
-    out = _take(pool, (n, h, w, weight.shape[1]))
-    rows_in, rows_out = x.reshape(n * h, w, c), out.reshape(n * h, w, -1)
     bias_rows = tile_rows(bias, w)
-    block = max(1, CACHE_BLOCK_BYTES // max(bias_rows.nbytes, 1))
-    for begin in range(0, n * h, block):
-        target = rows_out[begin : begin + block]
-        source = rows_in[begin : begin + block].reshape(-1, c)
-        np.matmul(source, weight, out=target.reshape(-1, weight.shape[1]))
-        _finish(target, bias_rows, clip)
-    return out
+    block = max(1, min(n * h, CACHE_BLOCK_BYTES // max(bias_rows.nbytes, 1)))
+    rows_out = _Rows.writer((n, h, w, weight.shape[1]), block, quant, pool)
+    with _Rows.reader(x, block, pool) as rows_in, rows_out:
+        for begin in range(0, n * h, block):
+            stop = min(begin + block, n * h)
+            target = rows_out.target(begin, stop)
+            source = rows_in.read(begin, stop).reshape(-1, c)
+            np.matmul(source, weight, out=target.reshape(-1, weight.shape[1]))
+            _finish(target, bias_rows, clip)
+            rows_out.write(begin, target)
+    return rows_out.result
 
 
 def conv_depthwise(
-    x: np.ndarray,
+    x: np.ndarray | Codes,
     weight: np.ndarray,
     bias: np.ndarray,
     stride: Pair,
     padding: Pair,
     dilation: Pair,
     clip: Clip = None,
+    quant: dict | None = None,
     pool: BufferPool | None = None,
-) -> np.ndarray:
+) -> np.ndarray | Codes:
     """Depthwise convolution as one shifted multiply-add per tap. ``weight`` is [kH, kW, C].
 
     Images are processed in blocks of about ``CACHE_BLOCK_BYTES`` of output, so that the
-    repeated passes over the output (taps, bias, optional ``clip``) stay in cache."""
-    kernel = weight.shape[:2]
+    repeated passes over the output (taps, bias, optional ``clip`` and ``quant`` as in
+    ``conv_pointwise``) stay in cache; codes are decoded a block at a time."""
+    kernel, (n, _, _, c) = weight.shape[:2], x.shape
     out_hw = _out_hw(x, kernel, stride, padding, dilation)
-    out = _take(pool, (x.shape[0], *out_hw, x.shape[3]))
     rows, bias_rows = tile_rows(weight, out_hw[1]), tile_rows(bias, out_hw[1])
-    block = max(1, CACHE_BLOCK_BYTES // max(out[:1].nbytes, 1))
-    product = _take(pool, (min(block, len(x)), *out.shape[1:]))
-    for begin in range(0, len(x), block):
-        chunk = x[begin : begin + block]
-        padded = pad_nhwc(chunk, padding, pool=pool)
-        target = out[begin : begin + block]
-        _accumulate_taps(padded, rows, target, product, stride, dilation)
-        _finish(target, bias_rows, clip)
-        _release_padded(pool, padded, chunk)
+    block = max(1, min(n, CACHE_BLOCK_BYTES // max(4 * c * math.prod(out_hw), 1)))
+    product = _take(pool, (block, *out_hw, c))
+    images_out = _Rows.writer((n, *out_hw, c), block, quant, pool, rank=1)
+    with _Rows.reader(x, block, pool, rank=1) as images, images_out:
+        for begin in range(0, n, block):
+            stop = min(begin + block, n)
+            target = images_out.target(begin, stop)
+            chunk = images.read(begin, stop)
+            padded = pad_nhwc(chunk, padding, pool=pool)
+            _accumulate_taps(padded, rows, target, product, stride, dilation)
+            _finish(target, bias_rows, clip)
+            _release_padded(pool, padded, chunk)
+            images_out.write(begin, target)
     _give(pool, product)
-    return out
+    return images_out.result
+
+
+class _Rows:
+    """Blocks of rows (slices along the leading ``rank`` axes, 2 for image rows, 1 for images)
+    of an activation, read from an array or from codes (decoded into scratch space), or written
+    to a new float32 array or to new codes (encoded from scratch space)."""
+
+    def __init__(
+        self, shape: Shape, rank: int, block: int, pool: BufferPool | None, coded: bool
+    ) -> None:
+        self.shape, self.row_shape = tuple(shape), tuple(shape[rank:])
+        self.row_size, self.pool = math.prod(self.row_shape), pool
+        self.scratch = _take(pool, (block * self.row_size,)) if coded else None
+        self.out: np.ndarray | None = None  # a float32 result
+        self.array: np.ndarray | None = None  # the rows of an array read or written
+        self.codes: Codes | None = None
+
+    @classmethod
+    def reader(cls, x: np.ndarray | Codes, block: int, pool: BufferPool | None, rank: int = 2):
+        """Reads ``x`` ``block`` rows at a time."""
+        rows = cls(x.shape, rank, block, pool, isinstance(x, Codes))
+        if isinstance(x, Codes):
+            rows.codes = x
+        else:
+            rows.array = x.reshape(-1, *rows.row_shape)
+        return rows
+
+    @classmethod
+    def writer(
+        cls, shape: Shape, block: int, quant: dict | None, pool: BufferPool | None, rank: int = 2
+    ):
+        """Writes an activation of ``shape`` (codes when ``quant``) ``block`` rows at a time."""
+        rows = cls(shape, rank, block, pool, quant is not None)
+        if quant is None:
+            rows.out = _take(pool, shape)
+            rows.array = rows.out.reshape(-1, *rows.row_shape)
+        else:
+            rows.codes = new_codes(shape, pool=pool, **quant)
+        return rows
+
+    def __enter__(self) -> _Rows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.scratch is not None:
+            _give(self.pool, self.scratch)
+
+    def _scratch(self, begin: int, stop: int) -> np.ndarray:
+        return self.scratch[: (stop - begin) * self.row_size].reshape(-1, *self.row_shape)
+
+    def read(self, begin: int, stop: int) -> np.ndarray:
+        """Rows ``begin`` to ``stop`` as float32."""
+        if self.codes is None:
+            return self.array[begin:stop]
+        values = self._scratch(begin, stop)
+        size = self.row_size
+        decode_range(self.codes, begin * size, stop * size, values.reshape(-1), self.pool)
+        return values
+
+    def target(self, begin: int, stop: int) -> np.ndarray:
+        """Where to compute rows ``begin`` to ``stop`` (then hand them to ``write``)."""
+        return self.array[begin:stop] if self.codes is None else self._scratch(begin, stop)
+
+    def write(self, begin: int, rows: np.ndarray) -> None:
+        """Store the rows computed in ``target(begin, ...)`` (encoded, for codes)."""
+        if self.codes is not None:
+            encode_range(rows.reshape(-1), self.codes, begin * self.row_size, self.pool)
+
+    @property
+    def result(self) -> np.ndarray | Codes:
+        """The written activation."""
+        return self.out if self.codes is None else self.codes
 
 
 def _accumulate_taps(
@@ -316,15 +406,158 @@ def quantize(
     pool: BufferPool | None = None,
 ) -> np.ndarray:
     """Fake quantization exactly as ``torch.fake_quantize_per_tensor_affine(x, scale,
-    zero_point, 0, 2**bits - 1)``, in float32 with round-half-even (SPEC.md section 7)."""
-    scale32, zero32 = F32(scale), F32(zero_point)
-    q = np.multiply(x, F32(1) / scale32, out=_output_for(x, out, pool))
+    zero_point, 0, 2**bits - 1)``, in float32 with round-half-even (SPEC.md section 7): the
+    decoded ``encode`` of ``x``."""
+    codes = encode(x, bits, scale, zero_point, pool)
+    result = decode(codes, pool, out)
+    _give(pool, codes.data)
+    return result
+
+
+# ------------------------------------------------------------------------ activation codes
+
+
+@dataclass(frozen=True)
+class Codes:
+    """A quantized activation held as its integer codes ``q`` (the value is
+    ``(q - zero_point) * scale``).
+
+    ``data`` stores the ``prod(shape)`` codes (C order) in ``width``-bit slots, planar: with
+    ``per = 8 // width`` codes per byte and ``m = ceil(count / per)`` bytes, code ``i * m + j``
+    sits at bit ``i * width`` of byte ``j``, so packing and unpacking are whole-array shifts."""
+
+    data: np.ndarray
+    shape: Shape
+    bits: int
+    scale: float
+    zero_point: int
+
+    @property
+    def width(self) -> int:
+        """Bits per stored code."""
+        return code_width(self.bits)
+
+
+def code_width(bits: int) -> int:
+    """The slot width that holds ``bits``-bit codes: 1, 2, 4 or 8."""
+    return next(width for width in CODE_WIDTHS if width >= bits)
+
+
+def _planes(count: int, width: int) -> tuple[int, int]:
+    """(codes per byte, bytes) of ``count`` codes in ``width``-bit slots."""
+    per = 8 // width
+    return per, -(-count // per)
+
+
+def new_codes(
+    shape: Shape, bits: int, scale: float, zero_point: int, pool: BufferPool | None = None
+) -> Codes:
+    """Codes of ``shape`` to be filled by ``encode_range`` (packed slots start at zero)."""
+    per, size = _planes(math.prod(shape), code_width(bits))
+    data = _take(pool, (size,), U8)
+    if per > 1:
+        data.fill(0)
+    return Codes(data, tuple(shape), bits, scale, zero_point)
+
+
+def encode(
+    x: np.ndarray,
+    bits: int,
+    scale: float,
+    zero_point: int,
+    pool: BufferPool | None = None,
+    overwrite: bool = False,
+) -> Codes:
+    """The codes ``clamp(round_half_even(x * float32(1 / scale)) + zero_point, 0, 2**bits - 1)``
+    of a float32 array (SPEC.md section 7); ``overwrite`` lets it use ``x`` as scratch space."""
+    codes = new_codes(x.shape, bits, scale, zero_point, pool)
+    encode_range(x.reshape(-1), codes, 0, pool, overwrite)
+    return codes
+
+
+def encode_range(
+    values: np.ndarray,
+    codes: Codes,
+    start: int,
+    pool: BufferPool | None = None,
+    overwrite: bool = True,
+) -> None:
+    """Encode the flat float32 ``values`` as codes ``start`` onwards of ``codes``, using
+    ``values`` as scratch space when ``overwrite``.
+
+    Clamping to ``[-zero_point, 2**bits - 1 - zero_point]`` before rounding equals clamping
+    after it (the bounds are integers), and leaves the zero point to add only when not 0.
+    Every pass stays within one dtype but the last: numpy's casting loops are buffered and
+    several times slower."""
+    q = values if overwrite else _take(pool, values.shape)
+    zero, top = F32(codes.zero_point), F32(2**codes.bits - 1)
+    np.multiply(values, F32(1) / F32(codes.scale), out=q)
+    np.clip(q, -zero, top - zero, out=q)
     np.rint(q, out=q)
-    q += zero32
-    np.clip(q, F32(0), F32(2**bits - 1), out=q)
-    q -= zero32
-    q *= scale32
-    return q
+    if zero:
+        q += zero
+    stop, width = start + q.size, codes.width
+    per, size = _planes(math.prod(codes.shape), width)
+    if per == 1:
+        np.copyto(codes.data[start:stop], q, casting="unsafe")
+    elif stop > start:
+        part = _take(pool, q.shape, U8)
+        np.copyto(part, q, casting="unsafe")
+        for i, lo, hi in _plane_spans(start, stop, size):
+            piece = part[lo - start : hi - start]
+            np.left_shift(piece, i * width, out=piece)
+            target = codes.data[lo - i * size : hi - i * size]
+            np.bitwise_or(target, piece, out=target)
+        _give(pool, part)
+    if not overwrite:
+        _give(pool, q)
+
+
+def _plane_spans(start: int, stop: int, size: int) -> Iterator[tuple[int, int, int]]:
+    """(plane, first code, end code) of each plane of ``size`` codes that [start, stop) meets."""
+    for i in range(start // size, (stop - 1) // size + 1):
+        yield i, max(start, i * size), min(stop, (i + 1) * size)
+
+
+def decode(
+    codes: Codes, pool: BufferPool | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The float32 values ``(float32(q) - zero_point) * float32(scale)`` of ``codes`` (into
+    ``out``, C-contiguous, when given), exactly the fake-quantized values they came from."""
+    out = _take(pool, codes.shape) if out is None else out
+    if not out.flags.c_contiguous:
+        raise ValueError("decode needs a C-contiguous output array")
+    flat = out.reshape(-1)
+    decode_range(codes, 0, flat.size, flat, pool)
+    return out
+
+
+def decode_range(
+    codes: Codes, start: int, stop: int, out: np.ndarray, pool: BufferPool | None = None
+) -> np.ndarray:
+    """Decode codes ``start`` to ``stop`` (C order) into the flat float32 ``out``."""
+    width, zero = codes.width, F32(codes.zero_point)
+    per, size = _planes(math.prod(codes.shape), width)
+    if per == 1:
+        np.copyto(out, codes.data[start:stop])
+    elif stop > start:
+        part, mask = _take(pool, (stop - start,), U8), U8(2**width - 1)
+        for i, lo, hi in _plane_spans(start, stop, size):
+            piece = part[: hi - lo]
+            np.right_shift(codes.data[lo - i * size : hi - i * size], i * width, out=piece)
+            np.bitwise_and(piece, mask, out=piece)
+            np.copyto(out[lo - start : hi - start], piece)
+        _give(pool, part)
+    if zero:
+        out -= zero
+    out *= F32(codes.scale)
+    return out
+
+
+def as_float(x: np.ndarray | Codes, pool: BufferPool | None = None) -> np.ndarray:
+    """An activation as float32: codes decoded (into an array from ``pool``), arrays as they
+    are."""
+    return decode(x, pool) if isinstance(x, Codes) else x
 
 
 # ---------------------------------------------------------------------------------- pooling
@@ -366,6 +599,6 @@ def global_avgpool(x: np.ndarray, pool: BufferPool | None = None) -> np.ndarray:
 
 def flatten(x: np.ndarray, pool: BufferPool | None = None) -> np.ndarray:
     """[N, ...] -> [N, F] in NCHW element order; always a new array (never a view)."""
-    if x.ndim == 4 and x.shape[1] * x.shape[2] > 1:
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).reshape(x.shape[0], -1)
+    if x.ndim == 4 and x.shape[1] * x.shape[2] > 1:  # a copy even when one channel is a view
+        return np.array(x.transpose(0, 3, 1, 2), order="C").reshape(x.shape[0], -1)
     return x.reshape(x.shape[0], -1).copy()

@@ -2,8 +2,11 @@
 
 Values flow in NHWC layout internally (feature maps) or as [N, F] (flat features); only the
 graph input of ``run`` is converted from NCHW, once. A conv2d followed by its relu/relu6 runs as
-one fused step. A value is freed as soon as its last reader has run (its memory goes back to the
-run's buffer pool), and element-wise ops overwrite their input when nothing else needs it.
+one fused step, and so does any node followed by its quantize. A quantize output is held as
+integer codes (``ops.Codes``): 1x1 and depthwise convolutions decode them block by block, other
+steps read a decoded scratch copy. A value is freed as soon as its last reader has run (its
+memory goes back to the run's buffer pool), and element-wise ops overwrite their input when
+nothing else needs it.
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ from .threads import blas_threads
 
 F32 = np.float32
 CLIP_BOUNDS = {"relu": (0.0, float("inf")), "relu6": (0.0, 6.0)}
-IN_PLACE_OPS = frozenset({"batchnorm", "relu", "relu6", "add", "quantize"})
+IN_PLACE_OPS = frozenset({"batchnorm", "relu", "relu6", "add"})
+FUSED = frozenset({"activation", "quantize"})  # attrs that fusion adds to a node
+# Kernels that read codes and write them (``quant``) a block at a time, in cache.
+BLOCK_CODED = frozenset({ops.conv_pointwise, ops.conv_depthwise})
 PREPROCESS_KEYS = frozenset({"layout", "dtype", "mean", "std"})
-Kernel = Callable[..., np.ndarray]
+Value = np.ndarray | ops.Codes
+Kernel = Callable[..., Value]
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class Step:
     output: str
     in_place: bool
     frees: tuple[str, ...]
+    reads_codes: bool = False  # the kernel takes codes as they are (else they are decoded)
 
 
 class Program:
@@ -100,20 +108,27 @@ class Program:
         return images
 
     def _execute(self, x_nhwc: np.ndarray, pool: ops.BufferPool) -> np.ndarray:
-        """Run every step on an NHWC batch, tracking the peak bytes of live activations.
+        """Run every step on an NHWC batch, tracking the peak bytes of live activations: the
+        values held between steps, each at its stored size (codes for quantized ones).
 
-        Dead values go back to ``pool`` (never the graph input, which may be the caller's)."""
-        values = {self.input_name: x_nhwc}
+        Dead values go back to ``pool`` (never the graph input, which may be the caller's), and
+        so do the float arrays that codes were decoded into for one step."""
+        values: dict[str, Value] = {self.input_name: x_nhwc}
         peak = _live_bytes(values)
         for step in self.steps:
-            args = [values[name] for name in step.inputs]
+            stored = [values[name] for name in step.inputs]
+            args = stored if step.reads_codes else [ops.as_float(value, pool) for value in stored]
             extra = {"out": args[0]} if step.in_place else {}
-            values[step.output] = step.kernel(*args, pool=pool, **extra)
+            result = values[step.output] = step.kernel(*args, pool=pool, **extra)
             peak = max(peak, _live_bytes(values))
+            for arg, value in zip(args, stored, strict=True):
+                if arg is not value and arg is not result:
+                    pool.give(arg)
             for name in step.frees:
                 _release(values, name, pool, name == self.input_name)
         self.last_peak_bytes_per_image = math.ceil(peak / max(len(x_nhwc), 1))
-        return values[self.output_name].copy()
+        output = values[self.output_name]
+        return ops.decode(output) if isinstance(output, ops.Codes) else output.copy()
 
 
 def load_program(path: str | os.PathLike) -> Program:
@@ -131,16 +146,22 @@ def load_program(path: str | os.PathLike) -> Program:
 # ------------------------------------------------------------------------------ compilation
 
 
-def _release(values: dict[str, np.ndarray], name: str, pool: ops.BufferPool, keep: bool) -> None:
+def _array(value: Value) -> np.ndarray:
+    """The array that holds a value's bytes."""
+    return value.data if isinstance(value, ops.Codes) else value
+
+
+def _release(values: dict[str, Value], name: str, pool: ops.BufferPool, keep: bool) -> None:
     """Forget a value; recycle its array unless ``keep`` or another value still holds it."""
-    array = values.pop(name)
-    if not keep and all(other is not array for other in values.values()):
+    array = _array(values.pop(name))
+    if not keep and all(_array(other) is not array for other in values.values()):
         pool.give(array)
 
 
-def _live_bytes(values: dict[str, np.ndarray]) -> int:
+def _live_bytes(values: dict[str, Value]) -> int:
     """Bytes held by the distinct arrays among ``values`` (in-place outputs count once)."""
-    owners = {id(a if a.base is None else a.base): a.nbytes for a in values.values()}
+    arrays = [_array(value) for value in values.values()]
+    owners = {id(a if a.base is None else a.base): a.nbytes for a in arrays}
     return sum(owners.values())
 
 
@@ -172,7 +193,8 @@ def _channel_floats(preprocess: dict, key: str, channels: int) -> np.ndarray:
 
 def _compile(graph: dict, params: dict[str, np.ndarray]) -> list[Step]:
     """Steps in graph order, with in-place and free decisions from each value's last reader."""
-    nodes = _fuse_activations(graph)
+    nodes = _fuse(graph)
+    coded = {node["output"] for node in nodes if _quantizes(node)}
     last_use: dict[str, int] = {}
     for index, node in enumerate(nodes):
         last_use[node["output"]] = index
@@ -181,58 +203,97 @@ def _compile(graph: dict, params: dict[str, np.ndarray]) -> list[Step]:
     frees: dict[int, list[str]] = {}
     for name, index in last_use.items():
         frees.setdefault(index, []).append(name)
-    return [
-        Step(
-            name=node["name"],
-            kernel=_kernel(node, params),
-            inputs=tuple(node["inputs"]),
-            output=node["output"],
-            in_place=_can_run_in_place(node, index, last_use, graph["input"]),
-            frees=tuple(frees.get(index, ())),
+    steps = []
+    for index, node in enumerate(nodes):
+        kernel, reads_codes = _kernel(node, params)
+        steps.append(
+            Step(
+                name=node["name"],
+                kernel=kernel,
+                inputs=tuple(node["inputs"]),
+                output=node["output"],
+                in_place=_can_run_in_place(node, index, last_use, graph["input"], coded),
+                frees=tuple(frees.get(index, ())),
+                reads_codes=reads_codes,
+            )
         )
-        for index, node in enumerate(nodes)
-    ]
+    return steps
 
 
-def _fuse_activations(graph: dict) -> list[dict]:
-    """The nodes, where each conv2d directly followed by its only reader, a relu or relu6,
-    becomes one conv2d node (with an ``activation`` attr) writing the activation's output."""
+def _fuse(graph: dict) -> list[dict]:
+    """The nodes, where a node directly followed by its only reader merges with it: a conv2d
+    with a relu/relu6 (an ``activation`` attr), then any node but a quantize with a quantize (a
+    ``quantize`` attr holding the quantize's attrs). The merged node writes the reader's output."""
     nodes, output = graph["nodes"], graph["output"]
     readers = Counter(name for node in nodes for name in node["inputs"])
-    fused, index = [], 0
-    while index < len(nodes):
-        node, after = nodes[index], nodes[index + 1 : index + 2]
-        if after and _fusable(node, after[0], readers, output):
-            attrs = {**node["attrs"], "activation": after[0]["op"]}
-            fused.append({**node, "attrs": attrs, "output": after[0]["output"]})
-            index += 2
+    fused: list[dict] = []
+    for node in nodes:
+        merged = _merged(fused[-1], node, readers, output) if fused else None
+        if merged:
+            fused[-1] = merged
         else:
             fused.append(node)
-            index += 1
     return fused
 
 
-def _fusable(node: dict, after: dict, readers: Counter, graph_output: str) -> bool:
-    """Whether ``after`` is a relu/relu6 that is the only reader of conv2d ``node``'s output."""
+def _merged(node: dict, after: dict, readers: Counter, graph_output: str) -> dict | None:
+    """``node`` with ``after`` merged into it (see ``_fuse``), or None when they do not fuse."""
     value = node["output"]
-    return (
-        node["op"] == "conv2d"
-        and after["op"] in CLIP_BOUNDS
-        and after["inputs"] == [value]
-        and readers[value] == 1
-        and value != graph_output
-    )
+    if after["inputs"] != [value] or readers[value] != 1 or value == graph_output:
+        return None
+    if after["op"] == "quantize" and not _quantizes(node):
+        extra = {"quantize": after["attrs"]}
+    elif node["op"] == "conv2d" and after["op"] in CLIP_BOUNDS and not FUSED & node["attrs"].keys():
+        extra = {"activation": after["op"]}
+    else:
+        return None
+    return {**node, "attrs": {**node["attrs"], **extra}, "output": after["output"]}
 
 
-def _can_run_in_place(node: dict, index: int, last_use: dict[str, int], graph_input: str) -> bool:
-    """Overwrite the first input when this node is its last reader (never the caller's input)."""
+def _quantizes(node: dict) -> bool:
+    """Whether a (fused) node's output is held as codes."""
+    return node["op"] == "quantize" or "quantize" in node["attrs"]
+
+
+def _can_run_in_place(
+    node: dict, index: int, last_use: dict[str, int], graph_input: str, coded: set[str]
+) -> bool:
+    """Overwrite the first input when this node is its last reader (never the caller's input),
+    or when it is held as codes (each step reads a freshly decoded copy)."""
     first = node["inputs"][0]
-    return node["op"] in IN_PLACE_OPS and first != graph_input and last_use.get(first) == index
+    if node["op"] not in IN_PLACE_OPS or first == graph_input:
+        return False
+    return first in coded or last_use.get(first) == index
 
 
-def _kernel(node: dict, params: dict[str, np.ndarray]) -> Kernel:
+def _kernel(node: dict, params: dict[str, np.ndarray]) -> tuple[Kernel, bool]:
+    """The node's kernel, and whether it reads codes as they are."""
     weights = {role: np.asarray(params[name], dtype=F32) for role, name in node["params"].items()}
-    return KERNEL_BUILDERS[node["op"]](weights, node["attrs"])
+    attrs = dict(node["attrs"])
+    quantize = attrs.pop("quantize", None)
+    kernel = KERNEL_BUILDERS[node["op"]](weights, attrs)
+    blocked = getattr(kernel, "func", None) in BLOCK_CODED
+    if quantize is not None and blocked:
+        kernel = partial(kernel, quant=_code_attrs(quantize))
+    elif quantize is not None:
+        kernel = partial(_then_encode, kernel, _code_attrs(quantize))
+    return kernel, blocked
+
+
+def _then_encode(
+    kernel: Kernel,
+    code: dict,
+    *args: np.ndarray,
+    pool: ops.BufferPool,
+    out: np.ndarray | None = None,
+) -> ops.Codes:
+    """``kernel``'s result as codes, encoded in place (the float result dies here): it goes
+    back to ``pool`` unless it is ``out`` (an input the caller recycles)."""
+    result = kernel(*args, pool=pool, **({} if out is None else {"out": out}))
+    codes = ops.encode(result, pool=pool, overwrite=True, **code)
+    if result is not out:
+        pool.give(result)
+    return codes
 
 
 def _conv_kernel(weights: dict[str, np.ndarray], attrs: dict) -> Kernel:
@@ -266,9 +327,14 @@ def _pool_kernel(op: Kernel) -> Callable[[dict, dict], Kernel]:
     return build
 
 
+def _code_attrs(attrs: dict) -> dict:
+    """A quantize node's attrs as ``ops.encode`` keywords."""
+    bits, zero_point = attrs["bits"], attrs["zero_point"]
+    return {"bits": bits, "scale": float(attrs["scale"]), "zero_point": zero_point}
+
+
 def _quantize_kernel(weights: dict[str, np.ndarray], attrs: dict) -> Kernel:
-    scale = float(attrs["scale"])
-    return partial(ops.quantize, bits=attrs["bits"], scale=scale, zero_point=attrs["zero_point"])
+    return partial(ops.encode, **_code_attrs(attrs))
 
 
 def _plain(op: Kernel) -> Callable[[dict, dict], Kernel]:

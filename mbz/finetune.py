@@ -1,0 +1,298 @@
+"""Fine-tuning while packing (``mbz pack --finetune-epochs N``), so compression keeps accuracy.
+
+Each compression step the pack configuration asks for is followed by training on the train
+split of ``--data``, less a held-out part (``--val-fraction``) whose accuracy picks the
+checkpoint that is packed; the test split is never seen here.
+
+- Channel pruning, network slimming (Liu et al. 2017): on the torch module, ``--prune-steps``
+  rounds each raise the pruned share towards ``--prune`` (ranking channels by BatchNorm |gamma|
+  over the channel spaces of ``mbz.prune``), zero the dropped channels' gamma and beta, hold them
+  at zero with masks while fine-tuning under an L1 penalty on every gamma (``--l1``); the
+  packed network is then physically smaller (``prune_zeroed_channels``).
+- Weight pruning: gradual magnitude pruning (Zhu & Gupta 2017) on the folded graph, the
+  pruned share rising on a cubic schedule to ``--prune`` at 3/4 of the fine-tuning steps, the
+  masks re-applied after every step; the final masks are what the file stores.
+- Quantized weights and activations: the folded graph as a ``TrainableGraph`` (``mbz.qat``):
+  k-means centroid fine-tuning, uniform QAT with LSQ scales, with the calibrated activation
+  ``quantize`` nodes in place. One code path for all of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import click
+import numpy as np
+import torch
+from torch import nn
+
+from mbz.capture import capture
+from mbz.config import PackConfig
+from mbz.data import Dataset, load_split
+from mbz.errors import MbzError
+from mbz.evaluate import pick_device
+from mbz.format import CodebookTensor, DenseTensor, UniformTensor
+from mbz.graph_ops import weight_nodes
+from mbz.prune import batchnorm_keep_masks, magnitude_masks, plan_channels
+from mbz.qat import TrainableGraph
+from mbz.quantize import Tensor
+from mbz.training import FitResult, Recipe, fit, split_holdout
+
+BATCH_SIZE = 128  # images per fine-tuning step
+PRUNING_WEIGHT_DECAY = 5e-4  # as in training; fine-tuning quantized weights uses none
+GMP_END = 0.75  # gradual magnitude pruning reaches its target after this share of the steps
+GMP_UPDATES = 16  # mask updates on the way there (every step for short runs)
+
+
+@dataclass
+class Tuning:
+    """What fine-tuning trains on and where: ``train`` picks the weights, ``val`` (held out
+    from the same train split) picks the best epoch. ``history`` collects every epoch's stats,
+    each with the ``stage`` it belongs to."""
+
+    train: Dataset
+    val: Dataset
+    config: PackConfig
+    device: torch.device = field(default_factory=pick_device)
+    progress: bool = True  # progress bars and stage lines on stderr
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def of(
+        cls,
+        training: Dataset,
+        config: PackConfig,
+        device: torch.device | None = None,
+        progress: bool = True,
+    ) -> Tuning:
+        """Hold out ``config.val_fraction`` of ``training`` (chosen by ``config.seed``)."""
+        train, val = split_holdout(training, config.val_fraction, config.seed)
+        return cls(train, val, config, device or pick_device(), progress)
+
+    def fit(
+        self,
+        model: nn.Module,
+        stage: str,
+        weight_decay: float,
+        **callbacks: Callable | None,
+    ) -> FitResult:
+        """``config.finetune_epochs`` epochs of ``mbz.training.fit`` on ``train``, scored on
+        ``val``; the epochs' stats join ``history`` under ``stage``."""
+        config = self.config
+        recipe = Recipe(
+            epochs=config.finetune_epochs,
+            batch_size=BATCH_SIZE,
+            lr=config.finetune_lr,
+            weight_decay=weight_decay,
+            warmup_epochs=0.0,
+            seed=config.seed,
+        )
+        if self.progress:
+            click.echo(f"fine-tuning: {stage}", err=True)
+        result = fit(
+            model,
+            self.train,
+            recipe,
+            val=self.val,
+            mean=config.mean,
+            std=config.std,
+            device=self.device,
+            progress=self.progress,
+            **callbacks,
+        )
+        self.history += [{"stage": stage, **stats} for stats in result.history]
+        self.mark_packed(result.best_epoch)
+        return result
+
+    def mark_packed(self, epoch: int) -> None:
+        """Flag ``epoch`` of the last stage as the one whose weights go on (``packed``)."""
+        stage = self.history[-1]["stage"]
+        for row in self.history:
+            if row["stage"] == stage:
+                row["packed"] = row["epoch"] == epoch
+
+    def steps(self) -> int:
+        """Optimizer steps of one ``fit`` call."""
+        return self.config.finetune_epochs * math.ceil(len(self.train) / BATCH_SIZE)
+
+
+def load_training(source: str, data_root: str | None) -> Dataset:
+    """The train split of ``source`` for fine-tuning; an MbzError that says what to do when
+    ``source`` has none."""
+    try:
+        return load_split(source, "train", data_root=data_root)
+    except MbzError as error:
+        raise MbzError(
+            f"fine-tuning (--finetune-epochs) trains on the train split of --data, which could "
+            f"not be read: {error}. Pass --data with x_train/y_train, or --finetune-epochs 0"
+        ) from error
+
+
+# Channel pruning: network slimming on the torch module.
+
+
+def _batchnorms(module: nn.Module, names: list[str]) -> dict[str, nn.BatchNorm2d]:
+    """The BatchNorm modules behind the graph's batchnorm nodes (named by module path)."""
+    found = {}
+    for name in names:
+        try:
+            bn = module.get_submodule(name)
+        except AttributeError:
+            bn = None
+        if not isinstance(bn, nn.BatchNorm2d) or not bn.affine:
+            raise MbzError(
+                f"channel fine-tuning needs the affine BatchNorm2d module {name!r} of the "
+                "model, which it cannot find; pass --finetune-epochs 0 or --prune-mode weight"
+            )
+        found[name] = bn
+    return found
+
+
+def _channel_masks(module: nn.Module, fraction: float) -> dict[str, np.ndarray]:
+    """Per BatchNorm (module path): the channels a ``fraction`` channel pruning keeps."""
+    captured = capture(module)
+    plan = plan_channels(captured.graph, captured.params, captured.bn_gamma, fraction)
+    return batchnorm_keep_masks(plan, captured.bn_gamma)
+
+
+def slim(module: nn.Module, tuning: Tuning) -> nn.Module:
+    """Network slimming: a fine-tuned copy of ``module`` whose pruned channels have exactly
+    zero BatchNorm gamma and beta (see the module docstring). ``module`` is left as it is."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise MbzError(
+            "channel pruning with fine-tuning trains the model's BatchNorm modules, which a "
+            "TorchScript file does not expose: pass its state_dict or an mbz checkpoint, or use "
+            "--prune-mode weight"
+        )
+    config = tuning.config
+    model = copy.deepcopy(module).to(tuning.device)
+    keep: dict[str, np.ndarray] = {}
+    for step in range(1, config.prune_steps + 1):
+        fraction = config.prune * step / config.prune_steps
+        found = _channel_masks(model, fraction)
+        keep = {name: mask & keep.get(name, True) for name, mask in found.items()}
+        bns = _batchnorms(model, list(keep))
+        masks = {name: torch.from_numpy(keep[name]).to(tuning.device) for name in bns}
+
+        @torch.no_grad()
+        def hold(_: nn.Module, bns=bns, masks=masks) -> None:
+            for name, bn in bns.items():
+                bn.weight.masked_fill_(~masks[name], 0.0)
+                bn.bias.masked_fill_(~masks[name], 0.0)
+
+        def penalty(_: nn.Module, bns=bns) -> torch.Tensor:
+            return config.l1 * sum(bn.weight.abs().sum() for bn in bns.values())
+
+        hold(model)
+        stage = f"channel pruning {step}/{config.prune_steps} ({fraction:.0%} of weights)"
+        result = tuning.fit(model, stage, PRUNING_WEIGHT_DECAY, penalty=penalty, after_step=hold)
+        model.load_state_dict(result.best_state)
+    return model.cpu().eval()
+
+
+# Weight pruning: gradual magnitude pruning on the folded graph.
+
+
+def gmp_fraction(step: int, end: int, target: float) -> float:
+    """Zhu & Gupta's cubic schedule: the pruned share after ``step`` of ``end`` steps."""
+    return target * (1.0 - (1.0 - min(step, end) / end) ** 3)
+
+
+@dataclass
+class _GradualPruning:
+    """``after_step`` and ``on_epoch`` of gradual magnitude pruning; remembers the best
+    epoch among those that reached the target (the earlier ones hold fewer zeros)."""
+
+    graph: dict
+    model: TrainableGraph
+    target: float
+    end: int
+    steps_per_epoch: int
+    step: int = 0
+    best: tuple[float, int, dict] | None = None  # val accuracy, epoch, state_dict
+
+    def after_step(self, _: nn.Module) -> None:
+        self.step += 1
+        interval = max(1, self.end // GMP_UPDATES)
+        if self.step <= self.end and (self.step % interval == 0 or self.step == self.end):
+            self.prune(gmp_fraction(self.step, self.end, self.target))
+        else:
+            self.model.apply_masks()
+
+    def prune(self, fraction: float) -> None:
+        """Global magnitude masks for ``fraction`` over the current weights."""
+        names = self.model.weight_names()
+        weights = {name: self.model.weight(name).weight.detach().cpu().numpy() for name in names}
+        for name, mask in magnitude_masks(self.graph, weights, fraction).items():
+            self.model.weight(name).set_mask(mask)
+
+    def on_epoch(self, stats: dict) -> None:
+        reached = stats["epoch"] * self.steps_per_epoch >= self.end
+        if reached and (self.best is None or stats["val_accuracy"] > self.best[0]):
+            state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            self.best = (stats["val_accuracy"], stats["epoch"], state)
+
+
+def prune_weights(
+    graph: dict, params: dict[str, np.ndarray], tuning: Tuning
+) -> dict[str, np.ndarray]:
+    """Gradual magnitude pruning of the folded ``graph`` to ``config.prune`` while
+    fine-tuning; ``params`` take the fine-tuned values (zero where pruned). Returns the
+    keep-masks by weight name."""
+    names = [node["params"]["weight"] for node in weight_nodes(graph)]
+    model = TrainableGraph(graph, params, masks={n: np.ones(params[n].shape, bool) for n in names})
+    steps, epochs = tuning.steps(), tuning.config.finetune_epochs
+    end = max(1, round(GMP_END * steps))
+    schedule = _GradualPruning(graph, model, tuning.config.prune, end, steps // epochs)
+    stage = f"gradual magnitude pruning to {tuning.config.prune:.0%} of weights"
+    tuning.fit(
+        model,
+        stage,
+        PRUNING_WEIGHT_DECAY,
+        after_step=schedule.after_step,
+        on_epoch=schedule.on_epoch,
+    )
+    _, epoch, state = schedule.best
+    model.load_state_dict(state)
+    tuning.mark_packed(epoch)
+    model.cpu()
+    params.update(model.float_values())
+    return {name: model.weight(name).mask.numpy() for name in model.weight_names()}
+
+
+# Quantized weights and activations: the trainable folded graph.
+
+
+def _stage(graph: dict, tensors: dict[str, Tensor]) -> str | None:
+    """What quantization fine-tuning does here; None when nothing is quantized."""
+
+    def has(kind: type) -> bool:
+        return any(isinstance(t, kind) for t in tensors.values())
+
+    dense = [t for t in tensors.values() if isinstance(t, DenseTensor)]
+    parts = {
+        "k-means centroid fine-tuning": has(CodebookTensor),
+        "uniform QAT (LSQ scales)": has(UniformTensor),
+        "float16 weights": any(t.values.dtype == np.float16 for t in dense),
+        "quantized activations": any(node["op"] == "quantize" for node in graph["nodes"]),
+    }
+    chosen = [part for part, present in parts.items() if present]
+    return ", ".join(chosen) if chosen else None
+
+
+def finetune_quantized(
+    graph: dict, params: dict[str, np.ndarray], tensors: dict[str, Tensor], tuning: Tuning
+) -> dict[str, Tensor]:
+    """Fine-tune the quantized model (``graph`` with its activation quantize nodes, weights
+    stored as ``tensors``, float ``params`` as the latent weights of uniform QAT); returns the
+    tensors of its best epoch, ``tensors`` themselves when nothing is quantized."""
+    stage = _stage(graph, tensors)
+    if stage is None:
+        return tensors
+    model = TrainableGraph(graph, params, tensors)
+    result = tuning.fit(model, stage, 0.0, after_step=TrainableGraph.apply_masks)
+    model.load_state_dict(result.best_state)
+    return model.cpu().export(tensors)

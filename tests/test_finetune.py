@@ -1,0 +1,230 @@
+"""Fine-tuning inside ``mbz pack``: masks that stay zero, centroids that move, QAT codes that
+decode to what was trained, activation quantization in the loop, reproducibility, CLI errors.
+
+Small on purpose: a width-0.25 MobileNet-v2, a few dozen synthetic images, one epoch.
+"""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mbz.capture import capture
+from mbz.cli import main
+from mbz.config import PackConfig
+from mbz.data import CIFAR10_CLASSES, Dataset
+from mbz.finetune import Tuning, finetune_quantized, gmp_fraction, prune_weights, slim
+from mbz.fold import fold_batchnorm
+from mbz.format import CodebookTensor, UniformTensor, read_mbz
+from mbz.graph_ops import weight_nodes
+from mbz.pack import quantize_graph
+from mbz.prune import prune_zeroed_channels
+from mbz.qat import TrainableGraph
+from mbz.runtime import load_program
+from mbz.torch_graph import GraphModule, preprocess_images
+from tests.helpers import narrow_mobilenet, recalibrate_batchnorm
+
+IMAGES = 24  # 18 to train on (one step), 6 held out
+
+
+def invoke(*args, expect: int = 0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == expect, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def data() -> Dataset:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (IMAGES, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, IMAGES).astype(np.int64)
+    return Dataset(images, labels, CIFAR10_CLASSES, "synthetic")
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    return recalibrate_batchnorm(narrow_mobilenet(), data.images)
+
+
+@pytest.fixture(scope="module")
+def folded(model):
+    captured = capture(model)
+    fold_batchnorm(captured.graph, captured.params)
+    return captured.graph, captured.params
+
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("data") / "data.npz"
+    np.savez(path, x_train=data.images, y_train=data.labels, x_test=data.images[:16],
+             y_test=data.labels[:16])
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory, model):
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def tuning_for(data: Dataset, **fields) -> Tuning:
+    config = PackConfig(finetune_epochs=1, val_fraction=0.25, **fields)
+    return Tuning.of(data, config, device=torch.device("cpu"), progress=False)
+
+
+def logits(graph: dict, params: dict, images: np.ndarray) -> np.ndarray:
+    x = preprocess_images(images, {"mean": PackConfig.mean, "std": PackConfig.std}, "cpu")
+    with torch.no_grad():
+        return GraphModule(graph, params)(x).numpy()
+
+
+def test_slimming_holds_channels_at_zero_and_removes_exactly_them(data, model):
+    original = copy.deepcopy(model.state_dict())
+    slimmed = slim(model, tuning_for(data, prune=0.36, prune_steps=2))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())
+    captured = capture(slimmed)
+    zeroed = {name: gamma == 0 for name, gamma in captured.bn_gamma.items()}
+    assert sum(z.sum() for z in zeroed.values()) > 0
+    for name, zero in zeroed.items():
+        bn = slimmed.get_submodule(name)
+        assert torch.all(bn.bias.detach()[torch.from_numpy(zero)] == 0), name
+    trained = [k for k, v in slimmed.state_dict().items() if not torch.equal(v, original[k])]
+    assert any(k.endswith("conv.2.weight") for k in trained), "fine-tuning changed nothing"
+
+    graph, params = copy.deepcopy(captured.graph), dict(captured.params)
+    gamma = dict(captured.bn_gamma)
+    prune_zeroed_channels(graph, params, gamma)
+    weights = {n["params"]["weight"] for n in weight_nodes(graph)}
+    before = sum(captured.params[name].size for name in weights)
+    after = sum(params[name].size for name in weights)
+    assert after <= 0.64 * before
+    assert all(np.all(g != 0) for g in gamma.values()), "a zeroed channel survived"
+    masked, smaller = logits(captured.graph, captured.params, data.images), logits(
+        graph, params, data.images
+    )
+    np.testing.assert_allclose(smaller, masked, rtol=0, atol=1e-5 * np.abs(masked).max())
+
+
+def test_gradual_magnitude_pruning_reaches_the_target_and_keeps_zeros(data, folded):
+    graph, original = folded
+    params = dict(original)
+    masks = prune_weights(graph, params, tuning_for(data, prune=0.5, prune_mode="weight"))
+    total = sum(mask.size for mask in masks.values())
+    assert total - sum(int(mask.sum()) for mask in masks.values()) == round(0.5 * total)
+    for name, mask in masks.items():
+        assert np.all(params[name][~mask] == 0), name
+    kept_changed = [n for n, m in masks.items() if not np.array_equal(params[n][m], original[n][m])]
+    assert kept_changed, "the kept weights were not fine-tuned"
+    schedule = [gmp_fraction(step, 12, 0.5) for step in range(15)]
+    assert schedule[0] == 0 and schedule[12] == schedule[14] == 0.5
+    assert np.all(np.diff(schedule[:13]) > 0)
+
+
+def test_centroid_finetuning_moves_codebooks_and_keeps_indices(data, folded):
+    graph, params = folded
+    config = PackConfig(bits={"conv": 4, "fc": 2})
+    tensors, _ = quantize_graph(graph, params, config, {})
+    tuned = finetune_quantized(graph, params, tensors, tuning_for(data))
+    codebooks = [n["params"]["weight"] for n in weight_nodes(graph)]
+    moved = [n for n in codebooks if not np.array_equal(tuned[n].codebook, tensors[n].codebook)]
+    assert len(moved) > len(codebooks) // 2
+    for name in codebooks:
+        assert isinstance(tuned[name], CodebookTensor)
+        np.testing.assert_array_equal(tuned[name].indices, tensors[name].indices)
+        distinct = np.unique(tensors[name].decode()).size
+        assert np.unique(tuned[name].decode()).size == distinct <= 2 ** tuned[name].bits
+    bias = weight_nodes(graph)[-1]["params"]["bias"]
+    assert not np.array_equal(tuned[bias].values, tensors[bias].values)
+
+
+def test_qat_codes_stay_in_range_and_decode_to_the_trained_model(data, folded):
+    graph, params = folded
+    config = PackConfig(bits={"conv": 2, "fc": 2}, method="uniform")
+    tensors, _ = quantize_graph(graph, params, config, {})
+    model = TrainableGraph(graph, params, tensors)
+    tuning_for(data).fit(model, "qat", 0.0, after_step=TrainableGraph.apply_masks)
+    exported, used = model.export(tensors), model.float_values()
+    names = [n["params"]["weight"] for n in weight_nodes(graph)]
+    for name in names:
+        tensor = exported[name]
+        assert isinstance(tensor, UniformTensor) and tensor.bits == 2
+        tensor.validate()  # codes and zero points < 2**bits, scales finite and > 0
+        np.testing.assert_array_equal(tensor.decode(), used[name])
+    moved = [n for n in names if not np.array_equal(exported[n].scale, tensors[n].scale)]
+    assert len(moved) > len(names) // 2
+    x = preprocess_images(data.images, {"mean": config.mean, "std": config.std}, "cpu")
+    decoded = {name: tensor.decode() for name, tensor in exported.items()}
+    with torch.no_grad():
+        np.testing.assert_array_equal(model(x).numpy(), logits(graph, decoded, data.images))
+
+
+def test_cli_channel_pruning_with_finetuning(tmp_path, model_file, npz):
+    out = tmp_path / "slim.mbz"
+    report = json.loads(
+        invoke(
+            "pack", model_file, "--prune", 0.36, "--prune-steps", 1, "--finetune-epochs", 1,
+            "--l1", 1e-4, "--val-fraction", 0.25, "--seed", 3, "--data", npz, "-o", out, "--json",
+        ).output
+    )
+    stages = [row["stage"] for row in report["finetune"]]
+    assert [s.split(" (")[0] for s in stages] == [
+        "channel pruning 1/1", "k-means centroid fine-tuning"
+    ]
+    assert all(sum(row["packed"] for row in report["finetune"] if row["stage"] == s) == 1
+               for s in stages)
+    mbz = read_mbz(out)
+    config = mbz.metadata["pack_config"]
+    assert (config["finetune_epochs"], config["prune_steps"], config["seed"]) == (1, 1, 3)
+    assert config["l1"] == 1e-4 and config["val_fraction"] == 0.25
+    layers = mbz.metadata["layers"]
+    assert any(f["shape_after"][0] < f["shape_before"][0] for f in layers.values())
+    assert all(getattr(t, "mask", None) is None for t in mbz.tensors.values())
+    runtime = load_program(out).predict(np.load(npz)["x_test"]).argmax(1)
+    stored = mbz.metadata["accuracy"]["top1"]
+    assert (runtime == np.load(npz)["y_test"]).mean() == stored
+
+
+def test_cli_qat_with_quantized_activations_keeps_runtime_parity(tmp_path, model_file, npz):
+    out = tmp_path / "w2a4.mbz"
+    report = json.loads(
+        invoke("pack", model_file, "--method", "uniform", "--bits", "conv=2,fc=2", "--act-bits",
+               4, "--calib-images", 16, "--finetune-epochs", 1, "--val-fraction", 0.25,
+               "--data", npz, "-o", out, "--json").output
+    )
+    assert [row["stage"] for row in report["finetune"]] == [
+        "uniform QAT (LSQ scales), quantized activations"
+    ]
+    mbz = read_mbz(out)
+    assert any(node["op"] == "quantize" for node in mbz.metadata["graph"]["nodes"])
+    assert PackConfig.from_dict(mbz.metadata["pack_config"]).finetune_epochs == 1
+    assert "finetune_epochs" not in PackConfig(act_bits={"relu": 4}).to_dict()
+    report = json.loads(invoke("eval", out, "--data", npz, "--runtime", "all", "--json").output)
+    assert report["ok"], report["failures"]
+    accuracies = {r["runtime"]: r["accuracy"] for r in report["results"]}
+    assert accuracies["numpy"] == accuracies["torch"] == mbz.metadata["accuracy"]["top1"]
+
+
+def test_the_seed_makes_finetuning_reproducible(data, folded):
+    graph, params = folded
+    tensors, _ = quantize_graph(graph, params, PackConfig(bits={"conv": 3, "fc": 3}), {})
+    runs = [finetune_quantized(graph, params, tensors, tuning_for(data, seed=s)) for s in (5, 5, 6)]
+    same = [np.array_equal(runs[0][n].decode(), runs[1][n].decode()) for n in tensors]
+    other = [np.array_equal(runs[0][n].decode(), runs[2][n].decode()) for n in tensors]
+    assert all(same) and not all(other)
+
+
+def test_finetuning_needs_a_train_split(tmp_path, model_file, data):
+    test_only = tmp_path / "test_only.npz"
+    np.savez(test_only, x_test=data.images[:8], y_test=data.labels[:8])
+    failed = invoke("pack", model_file, "--finetune-epochs", 1, "--data", test_only,
+                    "-o", tmp_path / "m.mbz", expect=1)
+    assert "train split" in failed.output and "Traceback" not in failed.output
+    missing = invoke("pack", model_file, "--finetune-epochs", 1, "-o", tmp_path / "m.mbz",
+                     expect=2)
+    assert "--finetune-epochs needs --data" in missing.output
+    bad = invoke("pack", model_file, "--finetune-epochs", 1, "--val-fraction", 1.5, expect=2)
+    assert "--val-fraction" in bad.output
