@@ -428,17 +428,7 @@ def _avgpool(
             f"{count_include_pad}, divisor_override={divisor_override}); mbz supports "
             "ceil_mode=False, count_include_pad=True and no divisor_override"
         )
-    kernel_pair = _pair(kernel, "kernel_size", where)
-    stride_pair = _pair(stride, "stride", where) if stride else kernel_pair
-    padding_pair = _pair(padding, "padding", where)
-    b.emit(
-        node,
-        "avgpool2d",
-        [b.value(x, node)],
-        kernel=kernel_pair,
-        stride=stride_pair,
-        padding=padding_pair,
-    )
+    _emit_pool(b, node, "avgpool2d", x, (kernel, stride, padding))
 
 
 def _maxpool(
@@ -458,16 +448,18 @@ def _maxpool(
             f"unsupported max pooling in {where} (dilation={dilation}, ceil_mode={ceil_mode}, "
             f"return_indices={return_indices}); mbz supports dilation 1 and ceil_mode=False"
         )
+    _emit_pool(b, node, "maxpool2d", x, (kernel, stride, padding))
+
+
+def _emit_pool(b: _Builder, node: fx.Node, op: str, x: object, window: tuple) -> None:
+    """A pooling node from torch's (kernel_size, stride, padding); stride defaults to kernel."""
+    where = _where(node)
+    kernel, stride, padding = window
     kernel_pair = _pair(kernel, "kernel_size", where)
     stride_pair = _pair(stride, "stride", where) if stride else kernel_pair
     padding_pair = _pair(padding, "padding", where)
     b.emit(
-        node,
-        "maxpool2d",
-        [b.value(x, node)],
-        kernel=kernel_pair,
-        stride=stride_pair,
-        padding=padding_pair,
+        node, op, [b.value(x, node)], kernel=kernel_pair, stride=stride_pair, padding=padding_pair
     )
 
 

@@ -132,3 +132,25 @@ def recalibrate_batchnorm(model: nn.Module, images_uint8_nhwc) -> nn.Module:
     with torch.no_grad():
         model(x)
     return model.eval()
+
+
+def assert_runs_without_torch(body: str) -> None:
+    """Run ``body`` in a fresh Python where importing torch or torchvision fails; it must print
+    ok and must not have loaded torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"{body}\n"
+        "assert 'torch' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

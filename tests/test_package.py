@@ -1,14 +1,13 @@
 """Packaging: the console script, and format/runtime importable without torch."""
 
 import configparser
-import subprocess
-import sys
 from pathlib import Path
 
 from click.testing import CliRunner
 
 from mbz import __version__
 from mbz.cli import main
+from tests.helpers import assert_runs_without_torch
 
 
 def test_version_option():
@@ -18,21 +17,7 @@ def test_version_option():
 
 
 def test_format_and_runtime_import_without_torch():
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
-        "            raise ImportError('torch is blocked in this test')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import mbz.format, mbz.runtime\n"
-        "import mbz.format.constants\n"
-        "assert 'torch' not in sys.modules\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    assert_runs_without_torch("import mbz.format, mbz.runtime\nimport mbz.format.constants")
 
 
 def test_setup_cfg_ships_every_package():
