@@ -8,7 +8,7 @@ the last feature map is 4x4.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from itertools import accumulate
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2, _make_divisible
 
 from mbz.errors import MbzError
+from mbz.records import check_record
 
 ARCH_NAME = "mobilenet_v2_cifar"
 
@@ -65,12 +66,7 @@ class ArchConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ArchConfig:
         """Inverse of ``to_dict``; rejects unknown architectures and keys."""
-        if not isinstance(data, dict):
-            raise MbzError(f"architecture record must be a dict, got {type(data).__name__}")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise MbzError(f"unknown keys in architecture record: {', '.join(unknown)}")
-        config = cls(**data)
+        config = cls(**check_record(cls, data, "architecture record"))
         if config.name != ARCH_NAME:
             raise MbzError(f"unknown architecture {config.name!r}: mbz builds only {ARCH_NAME!r}")
         return config

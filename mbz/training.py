@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import click
 import numpy as np
@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mbz.data import CIFAR10_MEAN, CIFAR10_STD, Dataset
 from mbz.errors import MbzError
 from mbz.evaluate import pick_device
+from mbz.records import check_record
 from mbz.torch_graph import preprocess_images
 
 CROP_PADDING = 4  # pixels of zero padding around each image before the random crop
@@ -80,13 +81,8 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> Recipe:
         """Inverse of ``to_dict``; MbzError for unknown keys or out-of-range values."""
-        if not isinstance(data, dict):
-            raise MbzError(f"training recipe must be a dict, got {type(data).__name__}")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise MbzError(f"unknown keys in training recipe: {', '.join(unknown)}")
         try:
-            return cls(**data)
+            return cls(**check_record(cls, data, "training recipe"))
         except ValueError as error:
             raise MbzError(f"invalid training recipe: {error}") from error
 
