@@ -140,12 +140,17 @@ def main() -> None:
         "rows": done,
     }
     finished = {r["row"] for r in done}
-    for index, (name, fields) in enumerate(rows(args.finetune_epochs, args.qat_epochs)):
+    schemes = rows(args.finetune_epochs, args.qat_epochs)
+    order = {name: index for index, (name, _) in enumerate(schemes)}
+    for index, (name, fields) in enumerate(schemes):
         if name in finished:
             continue
         report["rows"].append(run_row(index, name, fields, args, train, test))
+        report["rows"].sort(key=lambda r: order.get(r["row"], len(order)))
         report_path.write_text(json.dumps(report, indent=2))
-        print(markdown(report["rows"][-1:]).splitlines()[-1], flush=True)
+        print(
+            markdown([r for r in report["rows"] if r["row"] == name]).splitlines()[-1], flush=True
+        )
     print(markdown(report["rows"]))
 
 

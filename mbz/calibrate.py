@@ -26,8 +26,8 @@ from mbz.torch_graph import GraphModule, preprocess_images
 CALIB_BATCH = 64  # images per calibration forward pass
 SAMPLE_PER_BATCH = 1 << 14  # values kept per point and batch for the percentile and mse methods
 MSE_STEPS = 100  # candidate clipping ranges searched by the mse method: 1/100 .. 100/100 of min-max
-_ACTIVATIONS = ("relu", "relu6")
-_WEIGHT_OPS = ("conv2d", "linear")
+_ACTIVATIONS = frozenset({"relu", "relu6"})
+_WEIGHT_OPS = frozenset({"conv2d", "linear"})
 
 
 @dataclass
@@ -63,12 +63,12 @@ def activation_points(graph: dict) -> dict[str, ActPoint]:
     readers = consumers(graph)
     points = {graph["input"]: ActPoint(graph["input"], "input")}
     for node in graph["nodes"]:
-        ops = {reader["op"] for reader in readers[node["output"]]}
+        read_by = {reader["op"] for reader in readers[node["output"]]}
         if node["op"] in _ACTIVATIONS:
             group = "relu"
         elif node["op"] == "add":
             group = "add"
-        elif node["op"] == "conv2d" and ops.isdisjoint(_ACTIVATIONS) and ops & set(_WEIGHT_OPS):
+        elif node["op"] == "conv2d" and not read_by & _ACTIVATIONS and read_by & _WEIGHT_OPS:
             group = "proj"
         else:
             continue
