@@ -9,10 +9,11 @@ where MODEL.pt was trained on DATA's train split, for example
 Rows: the float baseline; --prune 0.36 channel mode (float weights, so only pruning counts)
 without and with fine-tuning (--prune-steps 2); k-means conv=4,fc=2 without and with centroid
 fine-tuning; uniform W2 without and with QAT; W8A8, W4A4, W4A2 (uniform weights, calibrated
-activations) and W4A2 with QAT. Fine-tuning holds out 10% of the train split to pick its
-epoch; accuracies are on the test split, from the torch fake-quant run stored at pack time and
-from the numpy runtime. Prints a Markdown table and writes runs/bench_compression.json after
-every row (rows already there are skipped with --resume).
+activations) and W4A2 with QAT; --prune 0.5 weight mode (float weights) without and with gradual
+magnitude pruning. Fine-tuning holds out 10% of the train split to pick its epoch; accuracies
+are on the test split, from the torch fake-quant run stored at pack time and from the numpy
+runtime. Prints a Markdown table and writes runs/bench_compression.json after every row (rows
+already there are skipped with --resume).
 """
 
 import argparse
@@ -49,6 +50,7 @@ def rows(finetune: int, qat: int) -> list[tuple[str, dict]]:
     kmeans = {"bits": KMEANS}
     w2 = {"method": "uniform", "bits": W2}
     w4a2 = {"method": "uniform", "bits": W4, "act_bits": act(2)}
+    weight = {"prune": 0.5, "prune_mode": "weight", "bits": FLOAT}
     return [
         ("baseline (float32)", {"bits": FLOAT}),
         ("prune 0.36 channel", prune),
@@ -64,6 +66,11 @@ def rows(finetune: int, qat: int) -> list[tuple[str, dict]]:
         ("W4A4", {"method": "uniform", "bits": W4, "act_bits": act(4)}),
         ("W4A2", w4a2),
         (f"W4A2 + QAT {qat} ep", {**w4a2, "finetune_epochs": qat}),
+        ("prune 0.5 weight", weight),
+        (
+            f"prune 0.5 weight + gradual pruning {finetune} ep",
+            {**weight, "finetune_epochs": finetune},
+        ),
     ]
 
 

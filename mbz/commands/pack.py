@@ -103,8 +103,8 @@ def _act_bits(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     help="How --act-bits ranges are calibrated: min-max covers every value seen; percentile "
     "clips to the --percentile; mse picks the clipping range with the least quantization "
     "error. mse is the default because it worked best on the CIFAR-10 fragment: as good as "
-    "the others at 8 bits, and at 4 bits within 0.4 points of float activations where "
-    "percentile lost 5 and min-max 9 (examples/bench_actquant.py).",
+    "the others at 8 bits, and at 4 bits 0.7 points below float activations where "
+    "percentile lost 5 and min-max 8 (examples/bench_actquant.py).",
 )
 @click.option(
     "--calib-images",
