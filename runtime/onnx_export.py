@@ -48,7 +48,7 @@ from mbz.format import CodebookTensor, DenseTensor, MbzFile, MbzFormatError, Ten
 from mbz.format.bits import pack_bits
 
 from .graph import Shape, infer_shapes
-from .program import _check_preprocess
+from .program import check_preprocess
 
 OPSET = 21
 IR_VERSION = 10
@@ -318,7 +318,7 @@ def _validated(mbz: MbzFile) -> tuple[dict, dict[str, Shape], np.ndarray, np.nda
     graph = metadata["graph"]
     standins = {name: np.broadcast_to(F32(0), t.shape) for name, t in mbz.tensors.items()}
     shapes = infer_shapes(graph, standins)
-    mean, std = _check_preprocess(metadata["preprocess"], shapes[graph["input"]][0])
+    mean, std = check_preprocess(metadata["preprocess"], shapes[graph["input"]][0])
     return graph, shapes, mean, std
 
 

@@ -62,7 +62,7 @@ class Program:
         self.output_name: str = graph["output"]
         self.input_shape: Shape = self.value_shapes[self.input_name]
         self.num_classes: int = self.value_shapes[self.output_name][0]
-        self.mean, self.std = _check_preprocess(preprocess, self.input_shape[0])
+        self.mean, self.std = check_preprocess(preprocess, self.input_shape[0])
         self.steps: list[Step] = _compile(graph, params)
         self.last_peak_bytes_per_image: int = 0
 
@@ -165,7 +165,7 @@ def _live_bytes(values: dict[str, Value]) -> int:
     return sum(owners.values())
 
 
-def _check_preprocess(preprocess: Any, channels: int) -> tuple[np.ndarray, np.ndarray]:
+def check_preprocess(preprocess: Any, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """The float32 mean and std of a valid preprocess object."""
     if not isinstance(preprocess, dict) or set(preprocess) != PREPROCESS_KEYS:
         raise MbzFormatError(f"preprocess: must be an object with keys {sorted(PREPROCESS_KEYS)}")
