@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner, Result
 from torch import nn
+
+from mbz.cli import main
 
 
 def fragment_path() -> Path | None:
@@ -154,3 +159,23 @@ def assert_runs_without_torch(body: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def invoke(*args: object, expect: int | None = 0, **kwargs) -> Result:
+    """Run ``mbz ARGS`` in-process; unless ``expect`` is None, check the exit code (and show the
+    output, with the traceback of an unexpected exception, when it differs)."""
+    result = CliRunner().invoke(main, [str(a) for a in args], **kwargs)
+    if expect is not None and result.exit_code != expect:
+        detail = result.output
+        if result.exc_info and not isinstance(result.exception, SystemExit):
+            detail += "".join(traceback.format_exception(*result.exc_info))
+        raise AssertionError(f"exit {result.exit_code}, expected {expect}:\n{detail}")
+    return result
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of ``approx`` against ``reference``, in dB (inf when
+    they are equal)."""
+    ref64, x64 = np.asarray(reference, dtype=np.float64), np.asarray(approx, dtype=np.float64)
+    noise = np.sum((ref64 - x64) ** 2)
+    return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref64**2) / noise))

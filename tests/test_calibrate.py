@@ -21,7 +21,7 @@ from mbz.format import read_mbz
 from mbz.pack import pack
 from mbz.runtime import Program, load_program, ops
 from mbz.runtime.ops import BufferPool, decode, encode
-from tests.helpers import fragment_path, narrow_mobilenet
+from tests.helpers import fragment_path, invoke, narrow_mobilenet
 
 PREPROCESS = {"layout": "NHWC", "dtype": "uint8", "mean": [*CIFAR10_MEAN], "std": [*CIFAR10_STD]}
 PARITY_AGREEMENT = 0.995  # per-image top-1 agreement of numpy and torch with quantized activations
@@ -36,10 +36,6 @@ def stats_of(values: np.ndarray) -> RangeStats:
     stats = RangeStats()
     stats.add(torch.from_numpy(values), torch.Generator().manual_seed(0))
     return stats
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 # ------------------------------------------------------------------------------ calibration

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from mbz.cli import main
 from mbz.format import read_mbz
 from mbz.models import cifar_mobilenet_v2
-from tests.helpers import narrow_mobilenet
+from tests.helpers import invoke, narrow_mobilenet
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,6 @@ def data_path(workdir):
         y_test=rng.integers(0, 10, 48, dtype=np.uint8),
     )
     return path
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_pack_eval_inspect(model_path, data_path, workdir):

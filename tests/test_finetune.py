@@ -10,10 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from mbz.capture import capture
-from mbz.cli import main
 from mbz.config import PackConfig
 from mbz.data import CIFAR10_CLASSES, Dataset
 from mbz.finetune import Tuning, finetune_quantized, gmp_fraction, prune_weights, slim
@@ -25,15 +23,9 @@ from mbz.prune import prune_zeroed_channels
 from mbz.qat import TrainableGraph
 from mbz.runtime import load_program
 from mbz.torch_graph import GraphModule, preprocess_images
-from tests.helpers import narrow_mobilenet, recalibrate_batchnorm
+from tests.helpers import invoke, narrow_mobilenet, recalibrate_batchnorm
 
 IMAGES = 24  # 18 to train on (one step), 6 held out
-
-
-def invoke(*args, expect: int = 0):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == expect, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ from mbz.runtime.onnx_export import (
     onnx_session,
     tensor_value,
 )
-from tests.helpers import assert_runs_without_torch, narrow_mobilenet
+from tests.helpers import assert_runs_without_torch, invoke, narrow_mobilenet
 from tests.test_runtime import conv_node, graph_of, node, preprocess_for, sqnr_db, tie_values
 
 FLOAT_SQNR_DB = 80.0  # same weights, only the float summation order differs
@@ -352,10 +352,6 @@ def test_export_runs_without_torch(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- CLI
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_cli_export_onnx(tmp_path) -> None:

@@ -5,9 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from mbz.cli import main
 from mbz.format import read_mbz, write_mbz
 from mbz.inspect import describe
 from mbz.runtime import load_program
@@ -15,20 +13,11 @@ from mbz.torch_graph import GraphModule, preprocess_images
 from tests.helpers import (
     CourseMobileNetV2,
     fragment_path,
+    invoke,
     narrow_mobilenet,
     recalibrate_batchnorm,
+    sqnr_db,
 )
-
-
-def invoke(*args, expect: int = 0):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == expect, result.output
-    return result
-
-
-def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    noise = np.sum((reference.astype(np.float64) - approx) ** 2)
-    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(noise, 1e-30)))
 
 
 @pytest.fixture(scope="module")

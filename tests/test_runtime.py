@@ -15,16 +15,9 @@ from mbz.format import DenseTensor, MbzFormatError, write_mbz
 from mbz.runtime import Program, blas_threads, load_program, validate_graph
 from mbz.runtime.ops import quantize
 from mbz.runtime.threads import blas_controls
-from tests.helpers import assert_runs_without_torch
+from tests.helpers import assert_runs_without_torch, sqnr_db
 
 FLOAT_SQNR_DB = 80.0
-
-
-def sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio of ``x`` against ``ref``, in dB (inf when equal)."""
-    ref64, x64 = np.asarray(ref, dtype=np.float64), np.asarray(x, dtype=np.float64)
-    noise = np.sum((ref64 - x64) ** 2)
-    return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref64**2) / noise))
 
 
 def preprocess_for(channels: int) -> dict:
