@@ -329,6 +329,7 @@ def packed(model_path, data_path, workdir):
     return out
 
 
+@pytest.mark.slow
 def test_act_bits_change_predictions_and_runtimes_agree(packed, data_path):
     test = load_split(str(data_path), "test")
     logits = {bits: load_program(path).predict(test.images) for bits, (path, _) in packed.items()}
@@ -376,6 +377,7 @@ def test_act_bits_need_training_images(model_path, workdir):
     assert "Traceback" not in no_train.output
 
 
+@pytest.mark.slow
 def test_w8a8_parity_on_the_fragment(workdir):
     fragment = fragment_path()
     if fragment is None:

@@ -120,6 +120,7 @@ def test_eval_fails_when_the_stored_accuracy_disagrees(tmp_path):
     assert json.loads(limited.output)["results"][0]["images"] == 10
 
 
+@pytest.mark.slow
 def test_parity_on_the_cifar10_fragment(tmp_path):
     fragment = fragment_path()
     if fragment is None:
