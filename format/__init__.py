@@ -7,14 +7,17 @@ both sides use: ``DenseTensor``, ``CodebookTensor``, ``UniformTensor``. SPEC.md 
 from .constants import Encoding, Entropy, SectionKind, Sparsity
 from .container import Layout, MbzFile, SectionInfo, decode_mbz, encode_mbz, read_mbz, write_mbz
 from .errors import MbzFormatError
+from .limits import DEFAULT_LIMITS, Limits
 from .tensors import CodebookTensor, DenseTensor, Tensor, UniformTensor
 
 __all__ = [
+    "DEFAULT_LIMITS",
     "CodebookTensor",
     "DenseTensor",
     "Encoding",
     "Entropy",
     "Layout",
+    "Limits",
     "MbzFile",
     "MbzFormatError",
     "SectionInfo",

@@ -99,6 +99,15 @@ MIN_CSR_BITS = 1
 MAX_CSR_BITS = 8
 MAX_DECLARED_INT = (1 << 63) - 1  # any integer in a tensor descriptor
 
+# What a file may cost (SPEC.md section 9). The defaults of ``Limits``; a caller may raise them.
+DEFAULT_MAX_TOTAL_ELEMENTS = 1 << 26  # decoded elements of all tensors (256 MiB as float32)
+DEFAULT_MAX_INPUT_ELEMENTS = 1 << 22  # graph input elements per image
+DEFAULT_MAX_ACTIVATION_BYTES = 1 << 28  # peak float32 bytes of live values per image
+DEFAULT_MAX_MACS = 1 << 32  # multiply-accumulates (and window reads) per image
+# The densest encoding: a CSR stream of 8-bit filler entries covers 255 pruned elements per
+# byte, 4 * 255 bytes of float32 once decoded. No valid file decodes to more per file byte.
+MAX_DECODE_RATIO = 4 * ((1 << MAX_CSR_BITS) - 1)
+
 # Tensor descriptor keys (SPEC.md section 3): always present, and per encoding / sparsity.
 DESCRIPTOR_KEYS = ("encoding", "nnz", "parts", "section", "shape", "sparsity")
 ENCODING_KEYS: dict[Encoding, tuple[str, ...]] = {

@@ -42,6 +42,7 @@ from .descriptor import Descriptor, parse_descriptor
 from .encodings import CODECS, encoding_of
 from .errors import MbzFormatError
 from .jsonio import canonical_json, parse_json
+from .limits import DEFAULT_LIMITS, Limits, check_decoded_size
 from .sparsity import decode_bitmap, decode_csr, encode_mask
 from .tensors import Tensor
 
@@ -235,13 +236,17 @@ def _fsync_folder(folder: Path) -> None:
 # ---------------------------------------------------------------------------------------- reader
 
 
-def read_mbz(path: str | os.PathLike) -> MbzFile:
-    """Read and fully validate a .mbz file (OSError when it cannot be read at all)."""
-    return decode_mbz(Path(path).read_bytes())
+def read_mbz(path: str | os.PathLike, limits: Limits = DEFAULT_LIMITS) -> MbzFile:
+    """Read and fully validate a .mbz file (OSError when it cannot be read at all); ``limits``
+    as in ``decode_mbz``."""
+    return decode_mbz(Path(path).read_bytes(), limits)
 
 
-def decode_mbz(data: bytes | bytearray | memoryview) -> MbzFile:
-    """Validate and decode the bytes of a .mbz file; raises only MbzFormatError for bad bytes."""
+def decode_mbz(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> MbzFile:
+    """Validate and decode the bytes of a .mbz file; raises only MbzFormatError for bad bytes.
+
+    Before any tensor is decoded, their element counts are checked against ``limits`` (the
+    total) and against the densest encoding (SPEC.md section 9)."""
     view = memoryview(data).cast("B")
     minor, entries = _read_header_and_table(view)
     strict = minor <= VERSION_MINOR
@@ -250,6 +255,7 @@ def decode_mbz(data: bytes | bytearray | memoryview) -> MbzFile:
         raise MbzFormatError("section 0 must be the metadata (kind 1 or 3)")
     metadata = parse_json(_metadata_bytes(view, entries[0]))
     descriptors = _descriptors(metadata, entries, strict)
+    check_decoded_size((d.count for d in descriptors.values()), len(view), limits)
     tensors = {name: _decode_tensor(view, entries[d.section], d) for name, d in descriptors.items()}
     layout = _layout(entries, descriptors)
     return MbzFile(metadata, tensors, descriptors, (VERSION_MAJOR, minor), len(view), layout)
