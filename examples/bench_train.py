@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from mbz.data import CIFAR10_CLASSES, Dataset, load_split
 from mbz.evaluate import pick_device
 from mbz.models import cifar_mobilenet_v2
-from mbz.training import Recipe, fit
+from mbz.train_recipe import Recipe
+from mbz.training import fit
 
 FRAGMENT = Path(__file__).resolve().parents[2] / "shared/data/cifar10-fragment.npz"
 
@@ -42,7 +43,7 @@ def fit_speeds(args: argparse.Namespace, data: Dataset, device: torch.device) ->
     torch.manual_seed(0)
     model = cifar_mobilenet_v2(width_mult=args.width)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, warmup_epochs=1)
-    result = fit(model, data, recipe, device=device, progress=False)
+    result = fit(model, data, recipe, device=device)
     return [row["images_per_s"] for row in result.history]
 
 

@@ -21,7 +21,7 @@ from mbz.data import Dataset, load_split
 from mbz.errors import MbzError
 from mbz.evaluate import Progress, pick_device
 from mbz.graph_ops import consumers
-from mbz.torch_graph import GraphModule, preprocess_images
+from mbz.torch_graph import GraphModule, image_batches
 
 CALIB_BATCH = 64  # images per calibration forward pass
 SAMPLE_PER_BATCH = 1 << 14  # values kept per point and batch for the percentile and mse methods
@@ -152,14 +152,11 @@ def collect_statistics(
     generator = torch.Generator().manual_seed(0)
     device = pick_device()
     module = GraphModule(graph, params).to(device).eval()
-    for begin in range(0, len(dataset), CALIB_BATCH):
-        images = dataset.images[begin : begin + CALIB_BATCH]
+    for _, x in image_batches(dataset.images, preprocess, device, CALIB_BATCH, progress):
         with _Observer(stats, generator) as observer:
-            module(preprocess_images(images, preprocess, device))
+            module(x)
         if next(observer.pending, None) is not None:
             raise MbzError("calibration did not see every activation point")
-        if progress:
-            progress(len(images))
     return stats
 
 

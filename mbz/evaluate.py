@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from mbz.data import Dataset
-from mbz.torch_graph import GraphModule, preprocess_images
+from mbz.torch_graph import GraphModule, image_batches
 
 Progress = Callable[[int], None] | None
 
@@ -66,12 +66,8 @@ def evaluate_torch(
     device = pick_device()
     module = GraphModule(graph, params).to(device).eval()
     chunks, start = [], time.perf_counter()
-    for begin in range(0, len(dataset.labels), batch_size):
-        images = dataset.images[begin : begin + batch_size]
-        logits = module(preprocess_images(images, preprocess, device))
-        chunks.append(logits.float().cpu().numpy())
-        if progress:
-            progress(len(images))
+    for _, x in image_batches(dataset.images, preprocess, device, batch_size, progress):
+        chunks.append(module(x).float().cpu().numpy())
     return _result("torch", chunks, dataset.labels, time.perf_counter() - start)
 
 

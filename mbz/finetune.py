@@ -24,7 +24,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import click
 import numpy as np
 import torch
 from torch import nn
@@ -34,12 +33,13 @@ from mbz.config import PackConfig
 from mbz.data import Dataset, load_split
 from mbz.errors import MbzError
 from mbz.evaluate import pick_device
-from mbz.format import CodebookTensor, DenseTensor, UniformTensor
+from mbz.format import Tensor
+from mbz.format.encodings import encoding_of
 from mbz.graph_ops import weight_nodes
 from mbz.prune import batchnorm_keep_masks, magnitude_masks, plan_channels
-from mbz.qat import TrainableGraph
-from mbz.quantize import Tensor
-from mbz.training import FitResult, Recipe, fit, split_holdout
+from mbz.qat import TRAINABLE, TrainableGraph
+from mbz.train_recipe import Recipe
+from mbz.training import FitResult, StepReport, fit, split_holdout
 
 BATCH_SIZE = 128  # images per fine-tuning step
 PRUNING_WEIGHT_DECAY = 5e-4  # as in training; fine-tuning quantized weights uses none
@@ -57,7 +57,8 @@ class Tuning:
     val: Dataset
     config: PackConfig
     device: torch.device = field(default_factory=pick_device)
-    progress: bool = True  # progress bars and stage lines on stderr
+    on_stage: Callable[[str], None] | None = None  # told each stage's name as it starts
+    on_step: Callable[[StepReport], None] | None = None  # ``fit``'s, for every stage
     history: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -66,11 +67,12 @@ class Tuning:
         training: Dataset,
         config: PackConfig,
         device: torch.device | None = None,
-        progress: bool = True,
+        on_stage: Callable[[str], None] | None = None,
+        on_step: Callable[[StepReport], None] | None = None,
     ) -> Tuning:
         """Hold out ``config.val_fraction`` of ``training`` (chosen by ``config.seed``)."""
         train, val = split_holdout(training, config.val_fraction, config.seed)
-        return cls(train, val, config, device or pick_device(), progress)
+        return cls(train, val, config, device or pick_device(), on_stage, on_step)
 
     def fit(
         self,
@@ -90,8 +92,8 @@ class Tuning:
             warmup_epochs=0.0,
             seed=config.seed,
         )
-        if self.progress:
-            click.echo(f"fine-tuning: {stage}", err=True)
+        if self.on_stage:
+            self.on_stage(stage)
         result = fit(
             model,
             self.train,
@@ -100,7 +102,7 @@ class Tuning:
             mean=config.mean,
             std=config.std,
             device=self.device,
-            progress=self.progress,
+            on_step=self.on_step,
             **callbacks,
         )
         self.history += [{"stage": stage, **stats} for stats in result.history]
@@ -268,18 +270,10 @@ def prune_weights(
 
 def _stage(graph: dict, tensors: dict[str, Tensor]) -> str | None:
     """What quantization fine-tuning does here; None when nothing is quantized."""
-
-    def has(kind: type) -> bool:
-        return any(isinstance(t, kind) for t in tensors.values())
-
-    dense = [t for t in tensors.values() if isinstance(t, DenseTensor)]
-    parts = {
-        "k-means centroid fine-tuning": has(CodebookTensor),
-        "uniform QAT (LSQ scales)": has(UniformTensor),
-        "float16 weights": any(t.values.dtype == np.float16 for t in dense),
-        "quantized activations": any(node["op"] == "quantize" for node in graph["nodes"]),
-    }
-    chosen = [part for part, present in parts.items() if present]
+    stored = {encoding_of(tensor) for tensor in tensors.values()}
+    chosen = [t.stage for e, t in TRAINABLE.items() if e in stored and t.stage is not None]
+    if any(node["op"] == "quantize" for node in graph["nodes"]):
+        chosen.append("quantized activations")
     return ", ".join(chosen) if chosen else None
 
 

@@ -16,14 +16,15 @@ from mbz.capture import capture
 from mbz.checkpoint import LoadedModel
 from mbz.config import LayerInfo, PackConfig, bits_for
 from mbz.data import Dataset
+from mbz.encodings import METHODS
 from mbz.errors import MbzError
 from mbz.evaluate import Progress, data_fingerprint, evaluate_torch
 from mbz.finetune import Tuning, finetune_quantized, prune_weights, slim
 from mbz.fold import fold_batchnorm
-from mbz.format import DenseTensor, write_mbz
+from mbz.format import DenseTensor, Tensor, write_mbz
 from mbz.graph_ops import is_depthwise, is_pointwise, weight_nodes
 from mbz.prune import magnitude_masks, prune_channels, prune_zeroed_channels
-from mbz.quantize import Tensor, quantize_weight
+from mbz.quantize import Coding, quantize_weight
 from mbz.runtime import Program
 
 
@@ -81,23 +82,13 @@ def quantize_graph(
     for node in weight_nodes(graph):
         name = node["params"]["weight"]
         bits = bits_for(config.bits, layer_info(graph, node, params), config.default_bits)
-        mask = masks.get(name)
-        tensors[name] = quantize_weight(
-            params[name],
-            bits,
-            config.method,
-            symmetric=config.symmetric,
-            per_channel=config.per_channel,
-            mask=mask,
-            huffman=config.huffman,
-            kmeans_iters=config.kmeans_iters,
-        )
-        method = "float" if bits in (16, 32) else config.method
+        mask, coding = masks.get(name), Coding.of(config, bits)
+        tensors[name] = quantize_weight(params[name], coding, mask)
         sparsity = 0.0 if mask is None else float(1.0 - mask.mean())
         layers[node["name"]] = {
             "weight": name,
             "bits": bits,
-            "method": method,
+            "method": METHODS[coding.encoding],
             "sparsity": sparsity,
         }
     for name, value in params.items():

@@ -23,14 +23,16 @@ their ``decode()`` equals, bit for bit, the weights the module computed with.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from mbz.format import CodebookTensor, DenseTensor, UniformTensor
+from mbz.format import CodebookTensor, DenseTensor, Encoding, Tensor, UniformTensor
+from mbz.format.encodings import encoding_of
 from mbz.graph_ops import weight_nodes
-from mbz.quantize import Tensor
 from mbz.torch_graph import GraphModule
 
 MIN_SCALE = 1e-8  # learned scales are clamped to at least this, so codes stay finite
@@ -185,18 +187,31 @@ class UniformWeight(nn.Module):
         )
 
 
+@dataclass(frozen=True)
+class Trainable:
+    """How fine-tuning trains the weights of one encoding."""
+
+    build: Callable[[np.ndarray, Tensor], nn.Module]  # (latent float weight, stored tensor)
+    stage: str | None  # what fine-tuning does to them, as its stage says; None: nothing new
+
+
+# One entry per encoding, in the order a fine-tuning stage's name lists them.
+TRAINABLE: dict[Encoding, Trainable] = {
+    Encoding.CODEBOOK: Trainable(lambda _, t: CodebookWeight(t), "k-means centroid fine-tuning"),
+    Encoding.UNIFORM: Trainable(UniformWeight, "uniform QAT (LSQ scales)"),
+    Encoding.F16: Trainable(lambda v, t: FloatWeight(v, t.mask, half=True), "float16 weights"),
+    Encoding.F32: Trainable(lambda v, t: FloatWeight(v, t.mask), None),
+}
+
+
 def weight_module(
     value: np.ndarray, tensor: Tensor | None, mask: np.ndarray | None = None
 ) -> nn.Module:
     """The trainable module for one conv/linear weight: float ``value`` (the latent weight of
     uniform QAT), stored as ``tensor`` (None: float32 under ``mask``)."""
-    if isinstance(tensor, CodebookTensor):
-        return CodebookWeight(tensor)
-    if isinstance(tensor, UniformTensor):
-        return UniformWeight(value, tensor)
-    if isinstance(tensor, DenseTensor):
-        return FloatWeight(value, tensor.mask, half=tensor.values.dtype == np.float16)
-    return FloatWeight(value, mask)
+    if tensor is None:
+        return FloatWeight(value, mask)
+    return TRAINABLE[encoding_of(tensor)].build(value, tensor)
 
 
 class TrainableGraph(GraphModule):

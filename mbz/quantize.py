@@ -1,16 +1,51 @@
-"""Weight quantizers: per-layer k-means codebooks and uniform integer codes.
-
-Each turns a float weight array (and an optional keep-mask from weight pruning) into the
-container's tensor objects, so the bytes written are exactly what the quantizer decided.
+"""The torch side's encoders: a float weight (and an optional keep-mask from weight pruning)
+becomes the container's tensor object of its encoding, so the bytes written are exactly what
+the quantizer decided. ``ENCODERS`` has one per ``Encoding`` (see ``mbz.encodings``): floats,
+per-layer codebooks fitted by k-means, and uniform integer codes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
-from mbz.format import CodebookTensor, DenseTensor, Entropy, UniformTensor
+from mbz.config import PackConfig
+from mbz.encodings import weight_encoding
+from mbz.format import CodebookTensor, DenseTensor, Encoding, Entropy, Tensor, UniformTensor
 
-Tensor = DenseTensor | CodebookTensor | UniformTensor
+
+@dataclass(frozen=True)
+class Coding:
+    """How one weight is stored: its encoding and bits, and the encoders' options."""
+
+    encoding: Encoding
+    bits: int
+    symmetric: bool = False  # uniform: codes symmetric around zero
+    per_channel: bool = True  # uniform: one scale per output channel
+    huffman: bool = False  # index streams Huffman-coded when that is smaller
+    kmeans_iters: int = 30  # codebook: Lloyd iterations
+
+    @classmethod
+    def of(cls, config: PackConfig, bits: int) -> Coding:
+        """The coding ``config`` gives a weight of ``bits`` bits."""
+        return cls(
+            weight_encoding(bits, config.method),
+            bits,
+            config.symmetric,
+            config.per_channel,
+            config.huffman,
+            config.kmeans_iters,
+        )
+
+    @property
+    def entropy(self) -> Entropy | None:
+        """The index streams' entropy coding (None: the writer picks the smaller)."""
+        return None if self.huffman else Entropy.FIXED
+
+
+Encoder = Callable[[np.ndarray, Coding, np.ndarray | None], Tensor]
 
 
 def kmeans_1d(values: np.ndarray, k: int, iters: int = 30) -> np.ndarray:
@@ -107,31 +142,35 @@ def uniform_quantize(
     )
 
 
-def float_tensor(weight: np.ndarray, bits: int, mask: np.ndarray | None = None) -> DenseTensor:
-    """Keep floats: float32 for 32 bits, float16 for 16."""
-    dtype = np.float16 if bits == 16 else np.float32
-    return DenseTensor(values=weight.astype(dtype), mask=mask)
-
-
-def quantize_weight(
-    weight: np.ndarray,
-    bits: int,
-    method: str,
-    *,
-    symmetric: bool = False,
-    per_channel: bool = True,
-    mask: np.ndarray | None = None,
-    huffman: bool = False,
-    kmeans_iters: int = 30,
-) -> Tensor:
-    """Encode one weight array as the container tensor the configuration asks for."""
-    if bits in (16, 32):
-        return float_tensor(weight, bits, mask)
-    if method == "kmeans":
-        tensor = codebook_quantize(weight, bits, mask, kmeans_iters)
-    else:
-        tensor = uniform_quantize(
-            weight, bits, symmetric=symmetric, per_channel=per_channel, mask=mask
-        )
-    tensor.entropy = None if huffman else Entropy.FIXED
+def _encode_codebook(weight: np.ndarray, coding: Coding, mask: np.ndarray | None) -> Tensor:
+    tensor = codebook_quantize(weight, coding.bits, mask, coding.kmeans_iters)
+    tensor.entropy = coding.entropy
     return tensor
+
+
+def _encode_uniform(weight: np.ndarray, coding: Coding, mask: np.ndarray | None) -> Tensor:
+    tensor = uniform_quantize(
+        weight, coding.bits, symmetric=coding.symmetric, per_channel=coding.per_channel, mask=mask
+    )
+    tensor.entropy = coding.entropy
+    return tensor
+
+
+def _encode_float(dtype: type) -> Encoder:
+    def encode(weight: np.ndarray, _: Coding, mask: np.ndarray | None) -> Tensor:
+        return DenseTensor(values=weight.astype(dtype), mask=mask)
+
+    return encode
+
+
+ENCODERS: dict[Encoding, Encoder] = {
+    Encoding.F32: _encode_float(np.float32),
+    Encoding.F16: _encode_float(np.float16),
+    Encoding.CODEBOOK: _encode_codebook,
+    Encoding.UNIFORM: _encode_uniform,
+}
+
+
+def quantize_weight(weight: np.ndarray, coding: Coding, mask: np.ndarray | None = None) -> Tensor:
+    """Encode one weight array (zero where ``mask`` is False) as ``coding`` says."""
+    return ENCODERS[coding.encoding](weight, coding, mask)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -99,16 +99,40 @@ class GraphModule(nn.Module):
         return values[self.output_name]
 
 
-def preprocess_images(images: np.ndarray, preprocess: dict, device: torch.device) -> torch.Tensor:
-    """uint8 images ``[N, H, W, C]`` -> float32 ``[N, C, H, W]`` graph input on ``device``:
-    ``((image / 255) - mean[c]) / std[c]`` in float32, as SPEC.md section 6 defines."""
-    images = np.asarray(images)
+def preprocess_images(
+    images: np.ndarray | torch.Tensor,
+    preprocess: dict,
+    device: torch.device | str,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """uint8 images ``[N, H, W, C]`` (an array, or a tensor on any device) -> float32
+    ``[N, C, H, W]`` graph input on ``device``: ``((image / 255) - mean[c]) / std[c]`` in float32,
+    as SPEC.md section 6 defines, laid out in ``memory_format`` (training uses channels_last)."""
+    batch = images if isinstance(images, torch.Tensor) else np.asarray(images)
     channels = len(preprocess["mean"])
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != channels:
+    shaped = batch.ndim == 4 and batch.shape[-1] == channels
+    if str(batch.dtype) not in ("uint8", "torch.uint8") or not shaped:
         raise MbzError(
-            f"expected uint8 images [N, H, W, {channels}], got {images.dtype} {list(images.shape)}"
+            f"expected uint8 images [N, H, W, {channels}], got {batch.dtype} {list(batch.shape)}"
         )
-    x = torch.from_numpy(images.copy()).to(device).float() / 255
+    x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(batch.copy())
+    x = x.to(device).float() / 255
     mean = torch.tensor(preprocess["mean"], dtype=torch.float32, device=device)
     std = torch.tensor(preprocess["std"], dtype=torch.float32, device=device)
-    return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()
+    return ((x - mean) / std).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+
+
+def image_batches(
+    images: np.ndarray,
+    preprocess: dict,
+    device: torch.device,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """The graph inputs of ``images``, ``batch_size`` at a time, each with the slice of
+    ``images`` it holds; ``progress(count)`` is called once the caller is done with a batch."""
+    for begin in range(0, len(images), batch_size):
+        part = slice(begin, min(begin + batch_size, len(images)))
+        yield part, preprocess_images(images[part], preprocess, device)
+        if progress:
+            progress(part.stop - part.start)

@@ -22,7 +22,8 @@ from mbz.checkpoint import save_checkpoint
 from mbz.data import Dataset
 from mbz.models import ArchConfig
 from mbz.plot import confusion_matrix_png, line_chart
-from mbz.training import FitResult, Recipe, confusion_matrix, evaluate_model
+from mbz.train_recipe import Recipe
+from mbz.training import FitResult, confusion_matrix, evaluate_model
 
 OUTPUTS = {
     "csv": ".history.csv",

@@ -65,7 +65,7 @@ def model_file(tmp_path_factory, model):
 
 def tuning_for(data: Dataset, **fields) -> Tuning:
     config = PackConfig(finetune_epochs=1, val_fraction=0.25, **fields)
-    return Tuning.of(data, config, device=torch.device("cpu"), progress=False)
+    return Tuning.of(data, config, device=torch.device("cpu"))
 
 
 def logits(graph: dict, params: dict, images: np.ndarray) -> np.ndarray:

@@ -3,13 +3,10 @@
 import numpy as np
 import pytest
 
-from mbz.format import CodebookTensor, DenseTensor, Entropy, UniformTensor
-from mbz.quantize import kmeans_1d, quantize_weight, uniform_quantize
-
-
-def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    noise = np.sum((reference.astype(np.float64) - approx) ** 2)
-    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(noise, 1e-30)))
+from mbz.config import PackConfig
+from mbz.format import CodebookTensor, DenseTensor, Encoding, Entropy, UniformTensor
+from mbz.quantize import Coding, kmeans_1d, quantize_weight, uniform_quantize
+from tests.helpers import sqnr_db
 
 
 @pytest.fixture
@@ -24,7 +21,7 @@ LLOYD_MAX_GAUSSIAN_DB = {1: 4.40, 2: 9.30, 4: 20.22, 8: 43.8}
 
 @pytest.mark.parametrize("bits", sorted(LLOYD_MAX_GAUSSIAN_DB))
 def test_kmeans_codebook_is_close_to_the_optimal_quantizer(weight, bits):
-    tensor = quantize_weight(weight, bits, "kmeans")
+    tensor = quantize_weight(weight, Coding(Encoding.CODEBOOK, bits))
     assert isinstance(tensor, CodebookTensor)
     assert tensor.codebook.size <= 2**bits
     assert sqnr_db(weight, tensor.decode()) > LLOYD_MAX_GAUSSIAN_DB[bits] - 2.0
@@ -41,7 +38,7 @@ def test_kmeans_moves_centroids_from_linear_init():
 
 def test_kmeans_with_few_distinct_values_is_exact():
     values = np.array([0.5, -1.0, 0.5, 2.0], np.float32)
-    tensor = quantize_weight(values, 4, "kmeans")
+    tensor = quantize_weight(values, Coding(Encoding.CODEBOOK, 4))
     np.testing.assert_array_equal(tensor.decode(), values)
 
 
@@ -76,9 +73,20 @@ def test_mask_excludes_pruned_weights_from_the_range(weight):
     assert sqnr_db(weight[mask], decoded[mask]) > 15
 
 
+def coded(weight: np.ndarray, bits: int, **fields):
+    return quantize_weight(weight, Coding.of(PackConfig(**fields), bits))
+
+
 def test_float_bits_keep_floats_and_huffman_is_left_to_the_writer(weight):
-    assert quantize_weight(weight, 32, "kmeans").values.dtype == np.float32
-    half = quantize_weight(weight, 16, "uniform")
+    assert coded(weight, 32, method="kmeans").values.dtype == np.float32
+    half = coded(weight, 16, method="uniform")
     assert isinstance(half, DenseTensor) and half.values.dtype == np.float16
-    assert quantize_weight(weight, 4, "kmeans", huffman=True).entropy is None
-    assert quantize_weight(weight, 4, "uniform").entropy == Entropy.FIXED
+    assert coded(weight, 4, method="kmeans", huffman=True).entropy is None
+    assert coded(weight, 4, method="uniform").entropy == Entropy.FIXED
+
+
+def test_pack_options_reach_the_uniform_encoder(weight):
+    tensor = coded(weight, 4, method="uniform", symmetric=True, per_channel=False)
+    assert isinstance(tensor, UniformTensor) and tensor.axis is None
+    assert tensor.scale.shape == (1,) and tensor.zero_point.tolist() == [8]
+    assert isinstance(coded(weight, 4, method="kmeans"), CodebookTensor)

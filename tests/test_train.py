@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +18,13 @@ import torch
 from torch import nn
 
 from mbz.checkpoint import load_model
+from mbz.commands.progress import REFRESH_STEPS, EpochBars
 from mbz.data import CIFAR10_MEAN, CIFAR10_STD, Dataset, load_split
 from mbz.errors import MbzError
 from mbz.models import ArchConfig, cifar_mobilenet_v2
-from mbz.training import (
-    CROP_PADDING,
-    Recipe,
-    augment_batch,
-    evaluate_model,
-    fit,
-    lr_at,
-    split_holdout,
-)
+from mbz.train_augment import CROP_PADDING, augment_batch
+from mbz.train_recipe import Recipe, lr_at
+from mbz.training import StepReport, evaluate_model, fit, split_holdout
 from tests.helpers import fragment_path, invoke
 
 # One short CPU run: a narrow network, a few dozen images, one epoch.
@@ -131,6 +127,7 @@ def test_train_writes_history_and_charts(run):
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_model_twice(run, data_path, tmp_path):
     first, _ = run
     again = invoke("train", "--data", data_path, "-o", tmp_path / "again.pt", *QUICK)
@@ -146,6 +143,7 @@ def test_same_seed_gives_the_same_model_twice(run, data_path, tmp_path):
     assert strip == [{k: v for k, v in row.items() if k not in timing} for row in b["history"]]
 
 
+@pytest.mark.slow
 def test_resume_continues_the_saved_run(run, data_path, tmp_path):
     output = tmp_path / "model.pt"
     shutil.copy(run[0], output)
@@ -165,6 +163,7 @@ def test_resume_continues_the_saved_run(run, data_path, tmp_path):
         assert len(list(csv.DictReader(handle))) == 2
 
 
+@pytest.mark.slow
 def test_interrupted_fit_resumes_to_the_same_weights():
     rng = np.random.default_rng(1)
     train, val = synthetic(rng, 40, ("a", "b")), synthetic(rng, 16, ("a", "b"))
@@ -175,7 +174,7 @@ def test_interrupted_fit_resumes_to_the_same_weights():
         return cifar_mobilenet_v2(num_classes=2, width_mult=0.25)
 
     straight = model()
-    whole = fit(straight, train, recipe, val=val, device=torch.device("cpu"), progress=False)
+    whole = fit(straight, train, recipe, val=val, device=torch.device("cpu"))
 
     class Stop(Exception):
         pass
@@ -195,7 +194,6 @@ def test_interrupted_fit_resumes_to_the_same_weights():
             recipe,
             val=val,
             device=torch.device("cpu"),
-            progress=False,
             on_checkpoint=save_and_stop,
         )
     second = model()
@@ -206,7 +204,6 @@ def test_interrupted_fit_resumes_to_the_same_weights():
         recipe,
         val=val,
         device=torch.device("cpu"),
-        progress=False,
         start_epoch=1,
         optimizer_state=saved["optimizer"],
     )
@@ -220,7 +217,7 @@ def test_fit_calls_hooks_and_keeps_the_best_epoch():
     rng = np.random.default_rng(2)
     train, val = synthetic(rng, 32, ("a", "b")), synthetic(rng, 8, ("a", "b"))
     model = cifar_mobilenet_v2(num_classes=2, width_mult=0.25)
-    calls = {"penalty": 0, "after_step": 0, "epochs": []}
+    calls = {"penalty": 0, "after_step": 0, "epochs": [], "steps": []}
 
     def penalty(module: nn.Module) -> torch.Tensor:
         calls["penalty"] += 1
@@ -236,12 +233,19 @@ def test_fit_calls_hooks_and_keeps_the_best_epoch():
         recipe,
         val=val,
         device=torch.device("cpu"),
-        progress=False,
         penalty=penalty,
         after_step=after_step,
         on_epoch=calls["epochs"].append,
+        on_step=lambda report: calls["steps"].append((report, report.running())),
     )
     assert calls["penalty"] == calls["after_step"] == 4  # 2 epochs x 2 steps of 16
+    positions = [(r.epoch, r.epochs, r.step, r.steps, r.images) for r, _ in calls["steps"]]
+    assert positions == [(1, 2, 1, 2, 16), (1, 2, 2, 2, 32), (2, 2, 1, 2, 16), (2, 2, 2, 2, 32)]
+    for (_, running), stats in zip(calls["steps"][1::2], result.history, strict=True):
+        # at an epoch's last step the running figures are the epoch's own
+        assert running["loss"] == pytest.approx(stats["train_loss"])
+        assert running["accuracy"] == pytest.approx(stats["train_accuracy"])
+        assert running["images_per_s"] > 0
     assert calls["epochs"] == result.history and [h["epoch"] for h in result.history] == [1, 2]
     accuracies = [h["val_accuracy"] for h in result.history]
     assert result.best_val_accuracy == max(accuracies)
@@ -411,6 +415,7 @@ def test_wandb_logs_every_epoch(monkeypatch, data_path, tmp_path):
     assert finish == ("finish",) and set(fake.summary) == {"test_accuracy", "test_loss"}
 
 
+@pytest.mark.slow
 def test_fragment_slice_trains_and_packs(tmp_path):
     fragment = fragment_path()
     if fragment is None:
@@ -442,6 +447,7 @@ def test_fragment_slice_trains_and_packs(tmp_path):
     assert packed.exit_code == 0, packed.output
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(data_path, tmp_path):
     mbz = shutil.which("mbz") or str(Path(sys.executable).with_name("mbz"))
     output = tmp_path / "ddp.pt"
@@ -471,3 +477,21 @@ def test_torchrun_two_cpu_processes(data_path, tmp_path):
     test = load_split(str(data_path), "test")
     accuracy = independent_accuracy(loaded.module, test.images, test.labels)
     assert summary["test_accuracy"] == pytest.approx(accuracy)
+
+
+def test_epoch_bars_draw_a_bar_per_epoch_and_read_the_device_rarely(capsys):
+    reads = []
+
+    class Counted(StepReport):
+        def running(self) -> dict[str, float]:
+            reads.append((self.epoch, self.step))
+            return super().running()
+
+    steps, sums = REFRESH_STEPS + 2, torch.tensor([24.0, 12.0], dtype=torch.float64)
+    with EpochBars() as bars:
+        for epoch in (1, 2):
+            for step in range(1, steps + 1):
+                bars(Counted(epoch, 2, step, steps, 16 * step, time.perf_counter(), sums))
+    assert reads == [(1, REFRESH_STEPS), (1, steps), (2, REFRESH_STEPS), (2, steps)]
+    drawn = capsys.readouterr().err
+    assert "epoch 1/2" in drawn and "epoch 2/2" in drawn

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import click
 
+from mbz.commands.progress import EpochBars
 from mbz.config import PackConfig
 from mbz.finetune import Tuning, load_training
 
@@ -74,12 +75,23 @@ def open_tuning(
     config: PackConfig, data_source: str | None, data_root: str | None, progress: bool
 ) -> Tuning | None:
     """The fine-tuning data ``config`` needs (None without ``finetune_epochs``); a usage
-    error without ``--data``."""
+    error without ``--data``. With ``progress``, fine-tuning shows itself on stderr."""
     if not config.finetune_epochs:
         return None
     if not data_source:
         raise click.UsageError("--finetune-epochs needs --data with a train split to train on")
-    return Tuning.of(load_training(data_source, data_root), config, progress=progress)
+    callbacks = finetune_progress() if progress else {}
+    return Tuning.of(load_training(data_source, data_root), config, **callbacks)
+
+
+def finetune_progress() -> dict[str, Callable]:
+    """The ``on_stage`` and ``on_step`` callbacks that show fine-tuning on stderr."""
+    return {"on_stage": echo_stage, "on_step": EpochBars()}
+
+
+def echo_stage(stage: str) -> None:
+    """The line that starts a fine-tuning stage, on stderr."""
+    click.echo(f"fine-tuning: {stage}", err=True)
 
 
 def finetune_summary(history: list[dict]) -> str:

@@ -14,15 +14,14 @@ from click.core import ParameterSource
 
 from mbz.checkpoint import load_model
 from mbz.commands.params import import_wandb
+from mbz.commands.progress import EpochBars
 from mbz.data import Dataset, load_split
 from mbz.errors import MbzError
 from mbz.models import ArchConfig
+from mbz.train_dist import is_main_process
+from mbz.train_recipe import Recipe
 from mbz.train_run import RunRecorder, TrainStart, device_name, finish_run
-from mbz.training import (
-    Recipe,
-    fit,
-    is_main_process,
-)
+from mbz.training import fit
 
 # Type and help of each Recipe field's flag; the defaults come from Recipe itself.
 _RECIPE_FLAGS: dict[str, tuple[click.ParamType | None, str]] = {
@@ -314,7 +313,7 @@ def train_command(
         on_checkpoint=recorder.on_checkpoint,
         start_epoch=start.epoch,
         optimizer_state=start.optimizer_state,
-        progress=not as_json,
+        on_step=None if as_json else EpochBars(),
     )
     if main:
         _report(finish_run(recorder, test, result, began), as_json)

@@ -1,0 +1,84 @@
+"""One table per layer keyed by the weight encoding, each covering every encoding, and each
+entry producing, decoding and training exactly its own encoding (see ``mbz.encodings``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mbz.config import FLOAT_BITS, METHODS, PackConfig
+from mbz.encodings import METHODS as ENCODING_METHODS
+from mbz.encodings import weight_encoding
+from mbz.format import Encoding, decode_mbz, encode_mbz
+from mbz.format.encodings import CODECS, encoding_of
+from mbz.qat import TRAINABLE, weight_module
+from mbz.quantize import ENCODERS, Coding, quantize_weight
+
+# Every table keyed by Encoding, by the layer it serves. The ONNX exporter's table of in-graph
+# decoders goes here too (one line) when it is keyed by Encoding.
+REGISTRIES = {
+    "numpy codec (format/encodings.py CODECS)": CODECS,
+    "torch encoder (mbz/quantize.py ENCODERS)": ENCODERS,
+    "trainable module (mbz/qat.py TRAINABLE)": TRAINABLE,
+    "method name (mbz/encodings.py METHODS)": ENCODING_METHODS,
+}
+
+
+@pytest.mark.parametrize("layer", REGISTRIES)
+def test_every_encoding_is_in_every_registry(layer):
+    table = REGISTRIES[layer]
+    missing = sorted(encoding.name for encoding in Encoding if encoding not in table)
+    assert not missing, f"{layer} has no entry for {', '.join(missing)}"
+    assert set(table) == set(Encoding), f"{layer} has keys that are not encodings"
+
+
+def pack_choices() -> dict[Encoding, Coding]:
+    """One coding per encoding that a pack configuration can ask for (bits x method)."""
+    choices = {}
+    for method in METHODS:
+        for bits in (*FLOAT_BITS, 3):
+            coding = Coding.of(PackConfig(method=method), bits)
+            choices.setdefault(coding.encoding, coding)
+    return choices
+
+
+def test_every_encoding_is_reachable_from_the_flags_and_names_its_method():
+    choices = pack_choices()
+    assert set(choices) == set(Encoding)
+    for encoding, coding in choices.items():
+        method = ENCODING_METHODS[encoding]
+        assert (method == "float") if coding.bits in FLOAT_BITS else (method in METHODS)
+    with pytest.raises(ValueError, match="unknown quantization method"):
+        weight_encoding(4, "float")
+
+
+@pytest.fixture
+def weight() -> np.ndarray:
+    """A conv weight whose channels have uneven scales."""
+    scales = np.geomspace(0.1, 2, 6)[:, None, None, None]
+    return (np.random.default_rng(3).standard_normal((6, 4, 3, 3)) * scales).astype(np.float32)
+
+
+@pytest.mark.parametrize("encoding", list(Encoding), ids=lambda e: e.name)
+@pytest.mark.parametrize("pruned", [False, True])
+def test_each_layer_handles_its_encoding(encoding, pruned, weight):
+    coding = pack_choices()[encoding]
+    mask = np.abs(weight) > 0.3 if pruned else None
+    tensor = quantize_weight(weight, coding, mask)
+    assert encoding_of(tensor) == encoding  # the torch encoder makes its own encoding
+    decoded = tensor.decode()
+    if mask is not None:
+        assert np.all(decoded[~mask] == 0.0)
+    # numpy decoder: the file gives back exactly what the encoder meant
+    read = decode_mbz(encode_mbz({}, {"w": tensor})).tensors["w"]
+    assert encoding_of(read) == encoding
+    np.testing.assert_array_equal(read.decode(), decoded)
+    # trainable module: starts from exactly the stored weight and exports it unchanged
+    module = weight_module(weight, tensor)
+    with torch.no_grad():
+        np.testing.assert_array_equal(module().numpy(), decoded)
+    exported = module.export(tensor)
+    assert encoding_of(exported) == encoding
+    assert encode_mbz({}, {"w": exported}) == encode_mbz({}, {"w": tensor})
+
