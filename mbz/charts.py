@@ -1,149 +1,77 @@
-"""The charts of ``mbz sweep``: one drawing, rendered both as a PNG (through ``mbz.plot``'s
-raster canvas) and as inline SVG for the offline HTML report.
+"""Charts: ``mbz train``'s curves and confusion matrix, and ``mbz sweep``'s parallel
+coordinates, accuracy vs size with the Pareto front, and accuracy vs pruning.
 
-``Drawing`` records the calls ``mbz.plot.Axes`` makes on a canvas, so the axes, ticks and
-legends of ``mbz.plot`` draw into it unchanged; ``to_canvas`` replays them on a raster and
-``to_svg`` writes them as SVG elements.
+Static charts are matplotlib figures (``Figure`` objects, no pyplot state; PNG through Agg, and
+SVG); the sweep's page holds plotly's interactive parallel coordinates with plotly.js inline,
+the SVG charts and a table of every run, and reads nothing from the network.
 """
 
 from __future__ import annotations
 
 import html
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import plotly.graph_objects as go
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 
-from mbz.plot import (
-    BLACK,
-    GREY,
-    LINE_CHART_SIZE,
-    PALETTE,
-    WHITE,
-    Canvas,
-    Color,
-    data_axes,
-    nice_ticks,
-    tick_label,
-)
-
-FRONT_COLOR: Color = PALETTE[3]
-# Colour scale of the parallel-coordinates lines, low accuracy to high (viridis end points).
-SCALE_STOPS = np.array([(68, 1, 84), (33, 145, 140), (253, 231, 37)], dtype=float)
+COLORMAP = "viridis"  # parallel coordinates: lines coloured by accuracy, dark = lowest
+FRONT_COLOR = "tab:red"
 AXIS_NAMES = {"bits": "weight bits", "act_bits": "act bits", "prune": "pruned"}
-_FONT_PX = 10  # SVG font size of the 7-pixel bitmap font at scale 1
-_BASELINE = {"top": "hanging", "middle": "middle", "bottom": "alphabetic"}
-_ANCHOR = {"left": "start", "center": "middle", "right": "end"}
+ACCURACY, SIZE = "accuracy %", "size kB"
 
 
-class Drawing:
-    """A recording canvas with the drawing methods of ``mbz.plot.Canvas``."""
-
-    def __init__(self, width: int, height: int) -> None:
-        self.width, self.height = width, height
-        self.items: list[tuple[str, tuple, dict]] = []
-
-    def fill_rect(self, left: float, top: float, right: float, bottom: float, color: Color):
-        """A filled rectangle."""
-        self.items.append(("fill_rect", (left, top, right, bottom, color), {}))
-
-    def line(self, x0: float, y0: float, x1: float, y1: float, color: Color, width: int = 1):
-        """A straight line."""
-        self.items.append(("line", (x0, y0, x1, y1, color, width), {}))
-
-    def polyline(self, xs: Sequence[float], ys: Sequence[float], color: Color, width: int = 1):
-        """Straight segments joining consecutive points."""
-        self.items.append(("polyline", (list(xs), list(ys), color, width), {}))
-
-    def points(self, xs, ys, color: Color, size: int = 1, titles: Sequence[str] = ()) -> None:
-        """Squares of ``size`` pixels centred on each point; ``titles`` become SVG tooltips."""
-        self.items.append(("points", (list(xs), list(ys), color, size), {"titles": titles}))
-
-    def text(self, x: float, y: float, text: str, color: Color = BLACK, **style) -> None:
-        """Text anchored as in ``Canvas.text`` (scale, align, valign, vertical)."""
-        self.items.append(("text", (x, y, text, color), style))
-
-    def to_canvas(self) -> Canvas:
-        """The drawing as a raster."""
-        canvas = Canvas(self.width, self.height)
-        for method, args, kwargs in self.items:
-            if method == "points":
-                kwargs = {}
-            getattr(canvas, method)(*args, **kwargs)
-        return canvas
-
-    def save_png(self, path: str | Path) -> None:
-        """Write the drawing as a PNG file."""
-        self.to_canvas().save(path)
-
-    def to_svg(self) -> str:
-        """The drawing as one ``<svg>`` element (no external references)."""
-        body = [_SVG[method](*args, **kwargs) for method, args, kwargs in self.items]
-        return (
-            f'<svg width="{self.width}" '
-            f'height="{self.height}" viewBox="0 0 {self.width} {self.height}" '
-            f'font-family="monospace"><rect width="100%" height="100%" fill="white"/>'
-            + "".join(body)
-            + "</svg>"
-        )
+def save(figure: Figure, path: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
+    """Write ``figure`` as ``path`` with each suffix of ``formats``; the paths written."""
+    paths = [Path(path).with_suffix(f".{kind}") for kind in formats]
+    for target in paths:
+        figure.savefig(target, format=target.suffix[1:], dpi=100)
+    return paths
 
 
-def _rgb(color: Color) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*color)
+def line_chart(
+    series: dict[str, tuple[Sequence[float], Sequence[float | None]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+) -> Figure:
+    """A line chart of ``series`` ({name: (xs, ys)}) with a legend; None values are gaps."""
+    figure = Figure(figsize=(7.2, 4.4), layout="constrained")
+    axes = figure.add_subplot()
+    for name, (xs, ys) in series.items():
+        values = np.array([np.nan if y is None else y for y in ys], dtype=float)
+        axes.plot(xs, values, marker="o", markersize=4, label=name)
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return figure
 
 
-def _svg_rect(left, top, right, bottom, color) -> str:
-    return (
-        f'<rect x="{left:.1f}" y="{top:.1f}" width="{right - left:.1f}" '
-        f'height="{bottom - top:.1f}" fill="{_rgb(color)}"/>'
-    )
-
-
-def _svg_line(x0, y0, x1, y1, color, width) -> str:
-    return (
-        f'<line x1="{x0:.1f}" y1="{y0:.1f}" x2="{x1:.1f}" y2="{y1:.1f}" '
-        f'stroke="{_rgb(color)}" stroke-width="{width}"/>'
-    )
-
-
-def _svg_polyline(xs, ys, color, width) -> str:
-    points = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys, strict=True))
-    return (
-        f'<polyline points="{points}" fill="none" stroke="{_rgb(color)}" '
-        f'stroke-width="{width}" stroke-opacity="0.8"/>'
-    )
-
-
-def _svg_points(xs, ys, color, size, titles=()) -> str:
-    size = max(size, 3)
-    marks = []
-    for index, (x, y) in enumerate(zip(xs, ys, strict=True)):
-        tip = f"<title>{html.escape(titles[index])}</title>" if index < len(titles) else ""
-        marks.append(
-            f'<rect x="{x - size / 2:.1f}" y="{y - size / 2:.1f}" width="{size}" '
-            f'height="{size}" fill="{_rgb(color)}">{tip}</rect>'
-        )
-    return "".join(marks)
-
-
-def _svg_text(x, y, text, color, scale=1, align="left", valign="top", vertical=False) -> str:
-    rotate = f' transform="rotate(-90 {x:.1f} {y:.1f})"' if vertical else ""
-    anchor = "middle" if vertical else _ANCHOR[align]
-    baseline = "middle" if vertical else _BASELINE[valign]
-    return (
-        f'<text x="{x:.1f}" y="{y:.1f}" font-size="{_FONT_PX * scale}" fill="{_rgb(color)}" '
-        f'text-anchor="{anchor}" dominant-baseline="{baseline}"{rotate}>'
-        f"{html.escape(text)}</text>"
-    )
-
-
-_SVG = {
-    "fill_rect": _svg_rect,
-    "line": _svg_line,
-    "polyline": _svg_polyline,
-    "points": _svg_points,
-    "text": _svg_text,
-}
+def confusion_matrix_chart(matrix: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
+    """A confusion matrix (rows: true class, columns: predicted class): each cell shows its
+    count, shaded by its share of the row."""
+    matrix = np.asarray(matrix)
+    n = len(class_names)
+    if matrix.shape != (n, n):
+        raise ValueError(f"a confusion matrix of {n} classes is {n}x{n}, got {matrix.shape}")
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    figure = Figure(figsize=(1.5 + 0.5 * n, 1.2 + 0.5 * n), layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    for (row, col), count in np.ndenumerate(matrix):
+        color = "white" if shares[row, col] > 0.5 else "black"
+        axes.text(col, row, str(int(count)), ha="center", va="center", color=color, fontsize=8)
+    axes.set_xticks(range(n), class_names, rotation=90)
+    axes.set_yticks(range(n), class_names)
+    axes.set(title=title, xlabel="predicted class", ylabel="true class")
+    figure.colorbar(image, ax=axes, label="share of the true class")
+    return figure
 
 
 def pareto_front(sizes: Sequence[float], accuracies: Sequence[float]) -> list[int]:
@@ -158,139 +86,102 @@ def pareto_front(sizes: Sequence[float], accuracies: Sequence[float]) -> list[in
     return front
 
 
+def _runs(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["kind"] == "run"]
+
+
+def parallel_columns(records: list[dict]) -> dict[str, list]:
+    """The parallel-coordinates table of a sweep's runs: one column per grid key, then the
+    file size (kB) and the accuracy (%); one row per run."""
+    runs = _runs(records)
+    keys = list(dict.fromkeys(k for r in runs for k in r["config"]))
+    columns = {AXIS_NAMES.get(k, k): [r["config"].get(k, "-") for r in runs] for k in keys}
+    columns[SIZE] = [r["file_bytes"] / 1000 for r in runs]
+    columns[ACCURACY] = [100 * r["accuracy"] for r in runs]
+    return columns
+
+
+def axis_positions(values: list, most_ticks: int = 6) -> tuple[list[float], list[float], list[str]]:
+    """Numbers for one parallel axis: each value's position, and the tick positions and labels.
+
+    Numbers stay themselves (a tick per distinct value, or 5 evenly spaced ticks when there are
+    more than ``most_ticks``); anything else (a method name) gets its index in sorted order.
+    """
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        names = sorted({str(v) for v in values})
+        return [float(names.index(str(v))) for v in values], [*map(float, range(len(names)))], names
+    ticks = sorted({float(v) for v in values})
+    if len(ticks) > most_ticks:
+        ticks = np.linspace(ticks[0], ticks[-1], 5).tolist()
+    return [float(v) for v in values], ticks, [f"{t:.3g}" for t in ticks]
+
+
+def _unit(values: Sequence[float], ticks: Sequence[float]) -> np.ndarray:
+    """``values`` mapped onto [0, 1] by the axis range (the middle when it is one value)."""
+    low, high = min(ticks), max(ticks)
+    return (np.asarray(values) - low) / (high - low) if high > low else np.full(len(values), 0.5)
+
+
+def parallel_chart(columns: dict[str, list], title: str) -> Figure:
+    """Static parallel coordinates: one vertical axis per column, one line per run coloured
+    by accuracy (the last column), as W&B's chart."""
+    placed = [axis_positions(values) for values in columns.values()]
+    lines = np.array([_unit(values, ticks) for values, ticks, _ in placed]).T  # [runs, axes]
+    accuracy = columns[ACCURACY]
+    norm, cmap = Normalize(min(accuracy), max(accuracy)), colormaps[COLORMAP]
+    figure = Figure(figsize=(9, 4.6), layout="constrained")
+    axes = figure.add_subplot()
+    for line, acc in zip(lines, accuracy, strict=True):
+        axes.plot(range(len(columns)), line, color=cmap(norm(acc)), lw=1.5)
+    for x, (_, ticks, labels) in enumerate(placed):
+        axes.axvline(x, color="black", lw=1)
+        for at, label in zip(_unit(ticks, ticks), labels, strict=True):
+            axes.text(x + 0.03, at, label, fontsize=8, va="center", color="dimgray")
+    axes.set_xticks(range(len(columns)), list(columns))
+    axes.set_yticks([])
+    axes.set_xlim(-0.1, len(columns) - 0.6)
+    axes.set_title(title)
+    figure.colorbar(ScalarMappable(norm, cmap), ax=axes, label=ACCURACY)
+    return figure
+
+
 def scatter_chart(
-    series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[str]]],
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
     title: str,
     xlabel: str,
     ylabel: str,
     front: tuple[Sequence[float], Sequence[float]] | None = None,
-) -> Drawing:
-    """A scatter plot of ``series`` ({name: (xs, ys, tooltips)}) with a legend, and ``front``
-    (xs, ys) drawn as a line through larger marks when given."""
-    drawing = Drawing(*LINE_CHART_SIZE)
-    arrays = [(np.asarray(xs, float), np.asarray(ys, float)) for xs, ys, _ in series.values()]
-    axes, xticks, yticks = data_axes(drawing, arrays)
-    axes.grid_and_ticks(xticks, yticks)
-    axes.labels(title, xlabel, ylabel)
-    legend = []
-    colors = PALETTE * (1 + len(series) // len(PALETTE))
-    for (name, (_, _, tips)), (xs, ys), color in zip(series.items(), arrays, colors, strict=False):
-        px, py = axes.to_pixel(xs, ys)
-        drawing.points(px, py, color, size=5, titles=list(tips))
-        legend.append((name, color))
+) -> Figure:
+    """A scatter plot of ``series`` ({name: (xs, ys)}), and ``front`` (xs, ys) as a line
+    through larger marks when given."""
+    figure = Figure(figsize=(7.2, 4.4), layout="constrained")
+    axes = figure.add_subplot()
+    for name, (xs, ys) in series.items():
+        axes.scatter(xs, ys, s=25, label=name)
     if front is not None:
-        px, py = axes.to_pixel(*front)
-        drawing.polyline(px, py, FRONT_COLOR, width=2)
-        drawing.points(px, py, FRONT_COLOR, size=9)
-        legend.append(("Pareto front", FRONT_COLOR))
-    if legend:
-        axes.legend(legend)
-    return drawing
+        axes.plot(*front, color=FRONT_COLOR, marker="o", markersize=8, label="Pareto front")
+    axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    return figure
 
 
-def scale_color(fraction: float) -> Color:
-    """The colour of ``fraction`` (0 to 1) on the parallel-coordinates scale."""
-    position = min(max(fraction, 0.0), 1.0) * (len(SCALE_STOPS) - 1)
-    low = min(int(position), len(SCALE_STOPS) - 2)
-    mix = SCALE_STOPS[low] + (SCALE_STOPS[low + 1] - SCALE_STOPS[low]) * (position - low)
-    return tuple(round(v) for v in mix)
-
-
-def _axis_positions(values: list, discrete: bool) -> tuple[list[float], list[tuple[float, str]]]:
-    """Each value's position in [0, 1] on its axis, and the (position, label) ticks.
-
-    A ``discrete`` column (a grid setting) gets one tick per distinct value, numbers spaced by
-    value and anything else evenly in sorted order; a measured column spans round ticks.
-    """
-    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-    if numeric and not discrete:
-        ticks = nice_ticks(min(values), max(values), count=4)
-        low, span = float(ticks[0]), float(ticks[-1] - ticks[0])
-        return [(v - low) / span for v in values], [
-            ((t - low) / span, tick_label(t)) for t in ticks
-        ]
-    distinct = sorted(set(values), key=lambda v: (not numeric, v if numeric else str(v)))
-    if numeric and len(distinct) > 1:
-        low, span = float(distinct[0]), float(distinct[-1] - distinct[0])
-        where = {v: (float(v) - low) / span for v in distinct}
-    elif len(distinct) == 1:
-        where = {distinct[0]: 0.5}
-    else:
-        where = {v: i / (len(distinct) - 1) for i, v in enumerate(distinct)}
-    return [where[v] for v in values], [
-        (where[v], tick_label(v) if numeric else str(v)) for v in distinct
-    ]
-
-
-def parallel_coordinates(
-    columns: dict[str, list],
-    color_by: str,
-    title: str,
-    tooltips: Sequence[str] = (),
-    discrete: Sequence[str] = (),
-) -> Drawing:
-    """One vertical axis per column ({label: values, one per run}) and one line per run,
-    coloured by the ``color_by`` column (dark: lowest, yellow: highest), like W&B's chart.
-    Columns named in ``discrete`` get a tick per value; the others round ticks."""
-    width, height = 900, 460
-    left, top, right, bottom = 70, 70, width - 70, height - 50
-    drawing = Drawing(width, height)
-    drawing.text(width / 2, 16, title, scale=2, align="center")
-    labels = list(columns)
-    xs = np.linspace(left, right, len(labels))
-    placed = {label: _axis_positions(columns[label], label in discrete) for label in labels}
-    shade, _ = placed[color_by]
-    count = len(columns[color_by])
-    for run in range(count):
-        ys = [bottom - placed[label][0][run] * (bottom - top) for label in labels]
-        drawing.polyline(xs, ys, scale_color(shade[run]), width=2)
-        tip = list(tooltips[run : run + 1])
-        drawing.points(xs[-1:], ys[-1:], scale_color(shade[run]), size=5, titles=tip)
-    for x, label in zip(xs, labels, strict=True):
-        drawing.line(x, top, x, bottom, BLACK)
-        drawing.text(x, top - 20, label, align="center", valign="bottom")
-        for fraction, text in placed[label][1]:
-            y = bottom - fraction * (bottom - top)
-            drawing.line(x - 3, y, x + 3, y, BLACK)
-            drawing.fill_rect(x + 5, y - 5, x + 7 + 6 * len(text), y + 5, WHITE)
-            drawing.text(x + 6, y, text, GREY, valign="middle")
-    return drawing
-
-
-def _label(config: dict) -> str:
-    return " ".join(f"{key}={value}" for key, value in config.items())
-
-
-def _tooltip(record: dict) -> str:
-    return (
-        f"{_label(record['config'])}: {100 * record['accuracy']:.2f}%, "
-        f"{record['file_bytes']:,} bytes"
-    )
-
-
-def sweep_drawings(records: list[dict]) -> dict[str, Drawing]:
-    """The three charts of a sweep's runs: parallel coordinates of (grid keys, size, accuracy),
-    accuracy vs file size with the Pareto front, and accuracy vs pruned fraction by bits."""
-    runs = [r for r in records if r["kind"] == "run"]
-    sizes = [r["file_bytes"] / 1000 for r in runs]
-    accuracy = [100 * r["accuracy"] for r in runs]
-    tips = [_tooltip(r) for r in runs]
-    keys = list(dict.fromkeys(k for r in runs for k in r["config"]))
-    columns = {AXIS_NAMES.get(k, k): [r["config"].get(k, "-") for r in runs] for k in keys}
-    columns.update({"size kB": sizes, "accuracy %": accuracy})
+def sweep_figures(records: list[dict]) -> dict[str, Figure]:
+    """The static charts of a sweep: parallel coordinates, accuracy vs file size with the
+    Pareto front, and accuracy vs pruned fraction by weight bits."""
+    runs = _runs(records)
+    columns = parallel_columns(records)
+    sizes, accuracy = columns[SIZE], columns[ACCURACY]
     front = pareto_front(sizes, accuracy)
-    by_bits: dict[str, tuple[list, list, list]] = {}
-    for run, acc, tip in zip(runs, accuracy, tips, strict=True):
-        xs, ys, names = by_bits.setdefault(f"{run['config'].get('bits', '?')}-bit", ([], [], []))
+    by_bits: dict[str, tuple[list, list]] = {}
+    for run, acc in zip(runs, accuracy, strict=True):
+        xs, ys = by_bits.setdefault(f"{run['config'].get('bits', '?')}-bit", ([], []))
         xs.append(run["config"].get("prune", 0.0))
         ys.append(acc)
-        names.append(tip)
     return {
-        "parallel": parallel_coordinates(
-            columns, "accuracy %", "Sweep: settings -> size, accuracy", tips, list(columns)[:-2]
-        ),
+        "parallel": parallel_chart(columns, "Sweep: settings -> size, accuracy"),
         "pareto": scatter_chart(
-            {"runs": (sizes, accuracy, tips)},
+            {"runs": (sizes, accuracy)},
             "Accuracy vs file size",
             ".mbz file size (kB)",
             "top-1 accuracy (%)",
@@ -302,6 +193,29 @@ def sweep_drawings(records: list[dict]) -> dict[str, Drawing]:
     }
 
 
+def parallel_plotly(columns: dict[str, list], title: str) -> go.Figure:
+    """Interactive parallel coordinates (plotly ``parcoords``): one line per run."""
+    dimensions = []
+    for label, values in columns.items():
+        positions, ticks, names = axis_positions(values)
+        dimensions.append({"label": label, "values": positions, "tickvals": ticks,
+                           "ticktext": names})  # fmt: skip
+    trace = go.Parcoords(
+        line={"color": columns[ACCURACY], "colorscale": COLORMAP.capitalize(), "showscale": True,
+              "colorbar": {"title": {"text": ACCURACY}}},
+        dimensions=dimensions,
+    )  # fmt: skip
+    return go.Figure(trace, layout={"title": {"text": title}, "height": 480})
+
+
+def svg_text(figure: Figure) -> str:
+    """``figure`` as one inline ``<svg>`` element (no XML prolog, text drawn as paths)."""
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg")
+    text = buffer.getvalue()
+    return text[text.index("<svg") :]
+
+
 _CSS = (
     "body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}th{background:#eee}"
@@ -309,10 +223,9 @@ _CSS = (
 )
 
 
-def html_page(title: str, records: list[dict], drawings: dict[str, Drawing]) -> str:
-    """One self-contained HTML page: the charts as inline SVG, and a table of every run
-    (Pareto-front runs in bold). Nothing is fetched from elsewhere: it works offline."""
-    runs = sorted((r for r in records if r["kind"] == "run"), key=lambda r: r["file_bytes"])
+def runs_table(records: list[dict]) -> str:
+    """An HTML table of every run by file size, Pareto-front runs in bold."""
+    runs = sorted(_runs(records), key=lambda r: r["file_bytes"])
     front = {
         runs[i]["key"]
         for i in pareto_front([r["file_bytes"] for r in runs], [r["accuracy"] for r in runs])
@@ -333,24 +246,36 @@ def html_page(title: str, records: list[dict], drawings: dict[str, Drawing]) -> 
         ]
         css = ' class="front"' if r["key"] in front else ""
         rows.append(f"<tr{css}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    figures = "".join(f"<figure>{d.to_svg()}</figure>" for d in drawings.values())
+    return (
+        f"<h2>Runs ({len(runs)}; Pareto front in bold)</h2><table><tr>{head}</tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+def html_page(title: str, records: list[dict], figures: dict[str, Figure]) -> str:
+    """One self-contained HTML page: the interactive parallel coordinates (plotly.js inline),
+    the other charts as inline SVG, and the table of runs. It works offline."""
+    interactive = parallel_plotly(parallel_columns(records), "Sweep: settings -> size, accuracy")
+    plot = interactive.to_html(
+        full_html=False, include_plotlyjs=True, div_id="parallel", config={"displaylogo": False}
+    )
+    svgs = "".join(
+        f"<figure>{svg_text(figure)}</figure>" for name, figure in figures.items()
+        if name != "parallel"
+    )  # fmt: skip
     return (
         '<!DOCTYPE html><html><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}</title>"
-        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{figures}"
-        f"<h2>Runs ({len(runs)}; Pareto front in bold)</h2><table><tr>{head}</tr>"
-        + "".join(rows)
-        + "</table></body></html>\n"
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<figure>{plot}</figure>{svgs}{runs_table(records)}</body></html>\n"
     )
 
 
 def write_charts(out_dir: Path, records: list[dict], title: str) -> list[Path]:
-    """Write parallel.png, pareto.png, sparsity.png and sweep.html into ``out_dir``."""
-    drawings = sweep_drawings(records)
-    paths = []
-    for name, drawing in drawings.items():
-        paths.append(out_dir / f"{name}.png")
-        drawing.save_png(paths[-1])
-    paths.append(out_dir / "sweep.html")
-    paths[-1].write_text(html_page(title, records, drawings))
-    return paths
+    """Write parallel, pareto and sparsity as .png and .svg, and sweep.html, in ``out_dir``."""
+    figures = sweep_figures(records)
+    paths = [p for name, fig in figures.items() for p in save(fig, out_dir / name, ("png", "svg"))]
+    page = out_dir / "sweep.html"
+    page.write_text(html_page(title, records, figures))
+    return [*paths, page]

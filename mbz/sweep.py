@@ -1,66 +1,60 @@
 """``mbz sweep``: pack and evaluate every combination of a grid of compression settings.
 
-Each grid point runs the ``mbz pack`` and ``mbz eval`` commands in-process (``--json``), so a
-sweep uses exactly what a user would run by hand. A run is keyed by a hash of its settings,
-the model's bytes and the data; finished runs are appended to ``results.jsonl`` as they end,
-and a rerun skips every key already there, so an interrupted sweep continues where it stopped.
-``results.csv`` is regenerated from the JSON lines after each sweep.
+Grid keys are ``PackConfig`` field names; each point is ``dataclasses.replace(base, **point)``
+(``base``: the defaults with ``--set`` overrides), validated by the config itself. The model and
+the data are loaded once; every point calls ``mbz.pack.pack`` and ``mbz.verify.verify``
+directly. A run is keyed by a hash of its settings, the model's bytes and the data; finished
+runs are appended to ``results.jsonl`` as they end, and a rerun skips every key already there,
+so an interrupted sweep continues where it stopped. ``results.csv`` is regenerated from the
+JSON lines (in grid order) after each sweep. Points run here one after the other, or as Ray
+tasks (``mbz.ray_sweep``) through the same ``Runner`` interface.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
+import dataclasses
 import hashlib
-import io
 import itertools
 import json
-import shlex
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
+import numpy as np
 
-from mbz.data import load_split
+from mbz.checkpoint import LoadedModel, load_model
+from mbz.config import ACT_FLOAT, PackConfig, parse_act_bits, parse_bits
+from mbz.data import Dataset, load_split
 from mbz.errors import MbzError
+from mbz.finetune import Tuning, load_training
+from mbz.pack import pack
 from mbz.runtime import load_program
+from mbz.verify import RUNTIMES, verify
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
 # The baseline run: float32 weights and activations, nothing pruned, through the same pipeline.
-BASELINE_CONFIG = {"bits": 32, "act_bits": 32, "prune": 0.0}
+BASELINE_POINT = {"bits": 32, "act_bits": 32, "prune": 0.0}
+_FIXED_FIELDS = ("version",)  # PackConfig fields a sweep cannot set
 
 
-def _bits_flag(value) -> list[str]:
-    return ["--bits", f"conv={value},fc={value}"]
-
-
-def _act_bits_flag(value) -> list[str]:
-    return [] if value == 32 else ["--act-bits", str(value)]
-
-
-# Grid key -> (the `mbz pack` option it needs, the arguments for one value).
-GRID_FLAGS: dict[str, tuple[str, Callable[[object], list[str]]]] = {
-    "bits": ("--bits", _bits_flag),
-    "act_bits": ("--act-bits", _act_bits_flag),
-    "prune": ("--prune", lambda v: ["--prune", str(v)]),
-    "method": ("--method", lambda v: ["--method", str(v)]),
-    "prune_mode": ("--prune-mode", lambda v: ["--prune-mode", str(v)]),
-    "finetune_epochs": ("--finetune-epochs", lambda v: ["--finetune-epochs", str(v)]),
-    "calib": ("--calib", lambda v: ["--calib", str(v)]),
-}
-
-
-def _value(text: str) -> int | float | str:
-    """``8`` -> 8, ``0.36`` -> 0.36, ``kmeans`` -> 'kmeans'."""
+def _value(text: str) -> int | float | bool | str:
+    """``8`` -> 8, ``0.36`` -> 0.36, ``true`` -> True, ``kmeans`` -> 'kmeans'."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     for kind in (int, float):
         try:
             return kind(text)
         except ValueError:
             pass
     return text
+
+
+def sweep_keys() -> list[str]:
+    """The keys a grid or ``--set`` accepts: the PackConfig fields."""
+    return [f.name for f in dataclasses.fields(PackConfig) if f.name not in _FIXED_FIELDS]
 
 
 def parse_grid(text: str) -> dict[str, list]:
@@ -95,29 +89,69 @@ def load_grid(spec: str) -> dict[str, list]:
     return check_grid({k: v if isinstance(v, list) else [v] for k, v in data.items()})
 
 
-def check_grid(grid: dict[str, list]) -> dict[str, list]:
-    """Refuse unknown keys, empty value lists and keys whose `mbz pack` option is missing."""
-    from mbz.cli import main
+def _check_key(key: str, what: str) -> None:
+    if key not in sweep_keys():
+        raise MbzError(f"unknown {what} key '{key}'; known keys: {', '.join(sweep_keys())}")
 
-    options = {opt for param in main.commands["pack"].params for opt in param.opts}
+
+def check_grid(grid: dict[str, list]) -> dict[str, list]:
+    """Refuse an empty grid, unknown keys and empty value lists."""
     if not grid:
         raise MbzError("the grid is empty; give e.g. --grid 'bits=8,4 prune=0,0.36'")
     for key, values in grid.items():
-        if key not in GRID_FLAGS:
-            raise MbzError(f"unknown grid key '{key}'; known keys: {', '.join(GRID_FLAGS)}")
+        _check_key(key, "grid")
         if not values:
             raise MbzError(f"grid key '{key}' has no values")
-        flag = GRID_FLAGS[key][0]
-        if flag not in options:
-            raise MbzError(
-                f"grid key '{key}' needs `mbz pack {flag}`, which this version of mbz lacks"
-            )
     return grid
 
 
 def expand_grid(grid: dict[str, list]) -> list[dict]:
     """Every combination of the grid's values, as {key: value} dicts (first key slowest)."""
     return [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
+
+
+def parse_settings(items: Iterable[str]) -> dict:
+    """``--set`` items (``calib_images=16``, ``bits=conv=4,fc=2``) -> {field: value}."""
+    settings: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not value:
+            raise MbzError(f"--set '{item}' is not KEY=VALUE (e.g. calib_images=16)")
+        _check_key(key, "--set")
+        settings[key] = _value(value)
+    return settings
+
+
+def _rules(key: str, value: object) -> dict[str, int]:
+    """A ``bits``/``act_bits`` value: a bare number for every group, or rule text."""
+    if isinstance(value, dict):
+        return value
+    if key == "bits":
+        return {"conv": value, "fc": value} if isinstance(value, int) else parse_bits(str(value))
+    return {} if value == ACT_FLOAT else parse_act_bits(str(value))
+
+
+def _field_value(key: str, value: object, default: object) -> object:
+    """``value`` as the type of the PackConfig field ``key`` (whose default is ``default``)."""
+    if key in ("bits", "act_bits"):
+        return _rules(key, value)
+    if isinstance(default, tuple):
+        parts = value.split(",") if isinstance(value, str) else value
+        return tuple(float(part) for part in parts)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not type(default):
+        raise ValueError(f"{key}={value!r}: expected {type(default).__name__}")
+    return value
+
+
+def point_config(base: PackConfig, point: dict) -> PackConfig:
+    """``base`` with the grid point's values: ``dataclasses.replace`` validates them."""
+    try:
+        values = {k: _field_value(k, v, getattr(base, k)) for k, v in point.items()}
+        return dataclasses.replace(base, **values)
+    except (ValueError, TypeError) as error:
+        raise MbzError(f"grid point {point}: {error}") from None
 
 
 @dataclass
@@ -129,103 +163,140 @@ class SweepSettings:
     out_dir: Path
     data_root: str | None = None
     limit: int | None = None
-    runtime: str = "numpy"  # `mbz eval --runtime`
+    runtime: str = "numpy"  # one of RUNTIMES, or "all"
     peak_images: int = 4  # images the activation peak is measured on
-    pack_args: tuple[str, ...] = ()  # further `mbz pack` options for every run
+    base: PackConfig = field(default_factory=PackConfig)  # every point starts from it
+    trust_pickle: bool = False
+    tolerance: float = 0.001  # accuracy difference accepted between runtimes (a fraction)
     model_sha256: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.model_sha256 = hashlib.sha256(Path(self.model).read_bytes()).hexdigest()
 
-    def data_args(self) -> list[str]:
-        """The data options of `mbz pack` and `mbz eval`."""
-        args = ["--data", self.data]
-        args += ["--data-root", self.data_root] if self.data_root else []
-        return args + (["--limit", str(self.limit)] if self.limit else [])
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """The runtimes each run is evaluated with; the first one's accuracy is charted."""
+        return RUNTIMES if self.runtime == "all" else (self.runtime,)
 
 
-def run_key(config: dict, settings: SweepSettings) -> str:
-    """A stable 16-hex-digit key of one run: its config, the model's bytes and the data."""
+@dataclass(frozen=True)
+class Job:
+    """One run of a sweep: its grid point, the config it resolves to, and its key."""
+
+    key: str
+    kind: str  # "baseline" or "run"
+    point: dict
+    config: PackConfig
+
+    @property
+    def file(self) -> str:
+        """The run's .mbz file, relative to the sweep folder."""
+        return f"runs/{self.key}.mbz"
+
+
+def run_key(point: dict, config: PackConfig, settings: SweepSettings) -> str:
+    """A stable 16-hex-digit key of one run: its point and config, the model's bytes and the
+    data."""
     identity = {
-        "config": config,
+        "point": point,
+        "config": config.to_dict(),
         "model_sha256": settings.model_sha256,
         "data": settings.data,
         "limit": settings.limit,
         "runtime": settings.runtime,
-        "pack_args": list(settings.pack_args),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def pack_args(config: dict) -> list[str]:
-    """The `mbz pack` options of one grid point."""
-    return [arg for key, value in config.items() for arg in GRID_FLAGS[key][1](value)]
+def plan(grid: dict[str, list], settings: SweepSettings) -> list[Job]:
+    """The baseline and every grid point, each validated, without repeats."""
+    points = [(BASELINE_POINT, "baseline")] + [(p, "run") for p in expand_grid(grid)]
+    jobs: dict[str, Job] = {}
+    for point, kind in points:
+        config = point_config(settings.base, point)
+        key = run_key(point, config, settings)
+        jobs.setdefault(key, Job(key, kind, point, config))
+    return list(jobs.values())
 
 
-def invoke_cli(args: list[str]) -> tuple[dict | None, str | None]:
-    """Run ``mbz ARGS`` in-process; returns its JSON output (or None) and its error (or None)."""
-    from mbz.cli import main
+@dataclass
+class SweepData:
+    """The images every run reads, loaded once."""
 
-    stdout, error = io.StringIO(), None
-    with contextlib.redirect_stdout(stdout):
-        try:
-            main.main(args=args, prog_name="mbz", standalone_mode=False)
-        except click.ClickException as exc:
-            error = exc.format_message()
-    try:
-        return json.loads(stdout.getvalue()), error
-    except json.JSONDecodeError:
-        return None, error or f"`mbz {shlex.join(args)}` printed no JSON"
+    test: Dataset  # evaluation images (the first ``limit`` of the test split)
+    peak_images: np.ndarray  # the activation peak is measured on these
+    train: Dataset | None  # for calibration and fine-tuning; None when no run needs it
 
 
-def measure_peak(path: Path, images) -> int:
+def open_data(settings: SweepSettings, jobs: list[Job]) -> SweepData:
+    """The test split (and the train split when a job calibrates activations or fine-tunes)."""
+    test = load_split(settings.data, "test", settings.data_root)
+    needs_train = any(job.config.act_bits or job.config.finetune_epochs for job in jobs)
+    train = load_training(settings.data, settings.data_root) if needs_train else None
+    limited = test.head(settings.limit) if settings.limit else test
+    return SweepData(limited, test.images[: settings.peak_images], train)
+
+
+def open_model(settings: SweepSettings) -> LoadedModel:
+    """The sweep's model, loaded once."""
+    return load_model(settings.model, trust_pickle=settings.trust_pickle)
+
+
+def measure_peak(path: Path, images: np.ndarray) -> int:
     """Peak live activation bytes per image, measured by the numpy runtime on ``images``."""
     program = load_program(path)
     program.predict(images, batch_size=len(images))
     return program.last_peak_bytes_per_image
 
 
-def run_point(config: dict, settings: SweepSettings, peak_images, kind: str = "run") -> dict:
-    """Pack and evaluate one grid point; returns its record."""
-    key = run_key(config, settings)
-    output = settings.out_dir / "runs" / f"{key}.mbz"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    args = ["pack", str(settings.model), "-o", str(output), *pack_args(config)]
-    packed, error = invoke_cli([*args, *settings.data_args(), *settings.pack_args, "--json"])
-    if error or packed is None:
-        raise MbzError(f"run {key} ({config}): mbz pack failed: {error}")
+def run_point(
+    model: LoadedModel, data: SweepData, job: Job, output: Path, settings: SweepSettings
+) -> dict:
+    """Pack ``job``'s config into ``output``, evaluate it; returns its record."""
+    config = job.config
+    calibration = data.train.head(config.calib_images) if config.act_bits else None
+    tuning = Tuning.of(data.train, config) if config.finetune_epochs else None
+    packed = pack(model, config, output, data.test, None, calibration, tuning)
     started = time.perf_counter()
-    evaluated, error = invoke_cli(
-        ["eval", str(output), *settings.data_args(), "--runtime", settings.runtime, "--json"]
-    )
-    if evaluated is None:
-        raise MbzError(f"run {key} ({config}): mbz eval failed: {error}")
+    report = verify(output, data.test, settings.runtimes, settings.tolerance)
     eval_seconds = time.perf_counter() - started
-    by_runtime = {r["runtime"]: r["accuracy"] for r in evaluated["results"]}
-    peak = measure_peak(output, peak_images)
-    peaks = packed.get("activation_peak_bytes") or {}
+    peak = measure_peak(output, data.peak_images)
+    first = report.results[0]
     return {
-        "key": key,
-        "kind": kind,
-        "config": config,
-        "file": str(output.relative_to(settings.out_dir)),
-        "file_bytes": packed["file_bytes"],
-        "fp32_bytes": packed["fp32_bytes"],
-        "ratio": packed["ratio"],
-        "accuracy": evaluated["results"][0]["accuracy"],
-        "accuracy_by_runtime": by_runtime,
-        "pack_accuracy": (packed.get("accuracy") or {}).get("top1"),
-        "images": evaluated["results"][0]["images"],
-        "data": settings.data,
-        "agreement": evaluated["agreement"],
-        "eval_ok": evaluated["ok"],
-        "eval_failures": evaluated["failures"],
-        "pack_seconds": packed["seconds"],
+        "key": job.key,
+        "kind": job.kind,
+        "config": job.point,
+        "file": job.file,
+        "file_bytes": packed.file_bytes,
+        "fp32_bytes": packed.fp32_bytes,
+        "ratio": packed.ratio,
+        "accuracy": first.accuracy,
+        "accuracy_by_runtime": {r.runtime: r.accuracy for r in report.results},
+        "pack_accuracy": (packed.accuracy or {}).get("top1"),
+        "images": int(first.predictions.size),
+        "data": data.test.source,
+        "agreement": report.agreements,
+        "eval_ok": not report.failures,
+        "eval_failures": report.failures,
+        "pack_seconds": packed.seconds,
         "eval_seconds": eval_seconds,
         "act_peak_bytes": peak,
-        "act_peak_fp32_bytes": peaks.get("float32", peak),
-        "peak_images": len(peak_images),
+        "act_peak_fp32_bytes": (packed.activation_peak_bytes or {}).get("float32", peak),
+        "peak_images": len(data.peak_images),
     }
+
+
+# Runs jobs and yields each one's record as it finishes, its file written at job.file.
+Runner = Callable[[list[Job], SweepSettings], Iterator[dict]]
+
+
+def run_locally(jobs: list[Job], settings: SweepSettings) -> Iterator[dict]:
+    """The ``Runner`` of this process: one job after the other."""
+    if not jobs:
+        return
+    model, data = open_model(settings), open_data(settings, jobs)
+    for job in jobs:
+        yield run_point(model, data, job, settings.out_dir / job.file, settings)
 
 
 def read_records(path: Path) -> list[dict]:
@@ -291,39 +362,36 @@ class SweepOutcome:
     skipped: int
 
 
+def in_grid_order(records: list[dict], jobs: list[Job]) -> list[dict]:
+    """``records`` ordered as ``jobs`` (records of other grids in the folder last)."""
+    position = {job.key: index for index, job in enumerate(jobs)}
+    return sorted(records, key=lambda record: position.get(record["key"], len(jobs)))
+
+
 def run_sweep(
     grid: dict[str, list],
     settings: SweepSettings,
     progress: Callable[[int], None] = lambda n: None,
     on_record: Callable[[dict], None] = lambda record: None,
+    runner: Runner = run_locally,
 ) -> SweepOutcome:
     """Run the baseline and every grid point not already in ``settings.out_dir``'s results.
 
     ``progress(n)`` is called as runs finish or are skipped; ``on_record(record)`` after each
     new run is saved. Writes results.jsonl (appended) and results.csv (regenerated).
     """
-    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = plan(grid, settings)
+    (settings.out_dir / "runs").mkdir(parents=True, exist_ok=True)
     jsonl = settings.out_dir / RESULTS_JSONL
     records = read_records(jsonl)
     done = {record["key"] for record in records}
-    points = [(BASELINE_CONFIG, "baseline")] + [(c, "run") for c in expand_grid(grid)]
-    peak_images = load_split(settings.data, "test", settings.data_root).images[
-        : settings.peak_images
-    ]
-    ran = 0
-    for config, kind in points:
-        if run_key(config, settings) not in done:
-            record = run_point(config, settings, peak_images, kind)
-            append_record(jsonl, record)
-            records.append(record)
-            done.add(record["key"])
-            on_record(record)
-            ran += 1
+    todo = [job for job in jobs if job.key not in done]
+    progress(len(jobs) - len(todo))
+    for record in runner(todo, settings):
+        append_record(jsonl, record)
+        records.append(record)
+        on_record(record)
         progress(1)
+    records = in_grid_order(records, jobs)
     write_csv(settings.out_dir / RESULTS_CSV, records)
-    return SweepOutcome(records, ran, len(points) - ran)
-
-
-def parse_pack_args(text: str | None) -> tuple[str, ...]:
-    """Extra `mbz pack` options given as one shell-quoted string."""
-    return tuple(shlex.split(text)) if text else ()
+    return SweepOutcome(records, len(todo), len(jobs) - len(todo))

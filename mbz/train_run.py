@@ -18,10 +18,10 @@ import torchvision
 from torch import nn
 
 from mbz import __version__
+from mbz.charts import confusion_matrix_chart, line_chart, save
 from mbz.checkpoint import save_checkpoint
 from mbz.data import Dataset
 from mbz.models import ArchConfig
-from mbz.plot import confusion_matrix_png, line_chart
 from mbz.train_recipe import Recipe
 from mbz.training import FitResult, confusion_matrix, evaluate_model
 
@@ -60,7 +60,7 @@ def versions() -> dict:
 def device_name(device: torch.device | None) -> str:
     """The GPU's name, or "cpu"."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.cuda.getdevice_name(device) if device.type == "cuda" else "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def to_cpu(value):
@@ -139,39 +139,31 @@ def epoch_line(stats: dict, epochs: int) -> str:
 
 
 def write_plots(recorder: RunRecorder, test: Dataset, predictions: np.ndarray) -> list[str]:
-    """Loss and accuracy curves and the confusion matrix; their paths."""
+    """Loss and accuracy curves and the confusion matrix (PNG); their paths."""
     history = recorder.history
     epochs = [row["epoch"] for row in history]
-    line_chart(
-        recorder.path("loss"),
-        {
-            "train": (epochs, [row["train_loss"] for row in history]),
-            "test": (epochs, [row["val_loss"] for row in history]),
-        },
-        "Loss per epoch",
-        "epoch",
-        "cross-entropy",
-    )
-    line_chart(
-        recorder.path("accuracy"),
-        {
-            "train": (epochs, [100 * row["train_accuracy"] for row in history]),
-            "test": (epochs, [100 * row["val_accuracy"] for row in history]),
-        },
-        "Top-1 accuracy per epoch",
-        "epoch",
-        "accuracy (%)",
-    )
+
+    def curves(key: str, scale: float) -> dict:
+        return {
+            name: (epochs, [scale * row[f"{prefix}_{key}"] for row in history])
+            for name, prefix in (("train", "train"), ("test", "val"))
+        }
+
     classes = recorder.start.arch.num_classes
     names = test.classes if len(test.classes) == classes else tuple(map(str, range(classes)))
     accuracy = float((predictions == test.labels).mean())
-    confusion_matrix_png(
-        recorder.path("confusion"),
-        confusion_matrix(test.labels, predictions, classes),
-        names,
-        f"Confusion matrix: {100 * accuracy:.2f}% on {len(test)} test images",
-    )
-    return [str(recorder.path(kind)) for kind in ("loss", "accuracy", "confusion")]
+    figures = {
+        "loss": line_chart(curves("loss", 1), "Loss per epoch", "epoch", "cross-entropy"),
+        "accuracy": line_chart(
+            curves("accuracy", 100), "Top-1 accuracy per epoch", "epoch", "accuracy (%)"
+        ),
+        "confusion": confusion_matrix_chart(
+            confusion_matrix(test.labels, predictions, classes),
+            names,
+            f"Confusion matrix: {100 * accuracy:.2f}% on {len(test)} test images",
+        ),
+    }
+    return [str(save(figure, recorder.path(kind))[0]) for kind, figure in figures.items()]
 
 
 def finish_run(recorder: RunRecorder, test: Dataset, result: FitResult, began: float) -> dict:

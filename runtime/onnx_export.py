@@ -48,7 +48,7 @@ from mbz.format import CodebookTensor, DenseTensor, MbzFile, MbzFormatError, Ten
 from mbz.format.bits import pack_bits
 
 from .graph import Shape, infer_shapes
-from .program import check_preprocess
+from .program import check_preprocess, predict_in_batches
 
 OPSET = 21
 IR_VERSION = 10
@@ -417,13 +417,13 @@ class OnnxProgram:
                 f"expected uint8 images [N, {', '.join(map(str, self.image_shape))}], "
                 f"got {images.dtype} {list(images.shape)}"
             )
-        chunks = [np.zeros((0, self.num_classes), F32)]
-        for begin in range(0, len(images), batch_size):
-            chunk = images[begin : begin + batch_size]
-            chunks.append(self.session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0])
-            if progress is not None:
-                progress(len(chunk))
-        return np.concatenate(chunks)
+        return predict_in_batches(
+            lambda chunk: self.session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0],
+            images,
+            batch_size,
+            self.num_classes,
+            progress,
+        )
 
 
 def _static_dims(value: onnx.ValueInfoProto) -> tuple[int, ...]:

@@ -91,14 +91,16 @@ class Program:
         images = self._check_images(images)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        chunks, pool = [np.zeros((0, self.num_classes), dtype=F32)], ops.BufferPool()
+        pool = ops.BufferPool()
         with blas_threads(threads):
-            for begin in range(0, len(images), batch_size):
-                chunk = images[begin : begin + batch_size]
-                chunks.append(self._execute(self.preprocess_images(chunk), pool))
-                if progress is not None:
-                    progress(len(chunk))
-        return np.concatenate(chunks)
+            return predict_in_batches(
+                lambda chunk: self._execute(self.preprocess_images(chunk), pool),
+                images,
+                batch_size,
+                self.num_classes,
+                progress,
+            )
+
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
@@ -129,6 +131,24 @@ class Program:
         self.last_peak_bytes_per_image = math.ceil(peak / max(len(x_nhwc), 1))
         output = values[self.output_name]
         return ops.decode(output) if isinstance(output, ops.Codes) else output.copy()
+
+
+def predict_in_batches(
+    run: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    batch_size: int,
+    num_classes: int,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Logits [N, num_classes] of ``images``, ``run`` on ``batch_size`` of them at a time (the
+    batch loop of every runtime that takes uint8 images); ``progress(count)`` after each."""
+    chunks = [np.zeros((0, num_classes), dtype=F32)]
+    for begin in range(0, len(images), batch_size):
+        chunk = images[begin : begin + batch_size]
+        chunks.append(run(chunk))
+        if progress is not None:
+            progress(len(chunk))
+    return np.concatenate(chunks)
 
 
 def load_program(path: str | os.PathLike) -> Program:

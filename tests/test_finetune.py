@@ -23,7 +23,7 @@ from mbz.prune import prune_zeroed_channels
 from mbz.qat import TrainableGraph
 from mbz.runtime import load_program
 from mbz.torch_graph import GraphModule, preprocess_images
-from tests.helpers import invoke, narrow_mobilenet, recalibrate_batchnorm
+from tests.helpers import invoke, narrow_mobilenet, recalibrate_batchnorm, save_mbz_checkpoint
 
 IMAGES = 24  # 18 to train on (one step), 6 held out
 
@@ -59,8 +59,7 @@ def npz(tmp_path_factory, data):
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory, model):
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save(model.state_dict(), path)
-    return path
+    return save_mbz_checkpoint(path, model)
 
 
 def tuning_for(data: Dataset, **fields) -> Tuning:

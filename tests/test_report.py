@@ -8,10 +8,9 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from mbz.checkpoint import load_model
-from mbz.cli import main
+from tests.helpers import invoke
 from tests.test_sweep import build_tiny_sweep, records
 
 
@@ -22,9 +21,7 @@ def tiny_sweep(tmp_path_factory):
 
 
 def report(sweep, *options: str) -> dict:
-    args = ["report", str(sweep.folder), "--baseline", str(sweep.model), "--json", *options]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+    result = invoke("report", sweep.folder, "--baseline", sweep.model, "--json", *options)
     return json.loads(result.stdout)
 
 
@@ -32,7 +29,7 @@ def test_ratios_match_the_files(tiny_sweep):
     facts = report(tiny_sweep, "--max-drop", "100")
     rows = records(tiny_sweep.folder)
     runs = {r["key"]: r for r in rows if r["kind"] == "run"}
-    state = torch.load(tiny_sweep.model, weights_only=True)
+    state = torch.load(tiny_sweep.model, weights_only=True)["state_dict"]
     fp32_bytes = load_model(tiny_sweep.model).fp32_bytes
     # conv weights are 4-D, the classifier's 2-D; BatchNorm and biases are 1-D.
     weights = [t for t in state.values() if t.ndim in (2, 4)]
@@ -75,10 +72,7 @@ def test_best_run_within_the_drop(tiny_sweep):
 
 
 def test_markdown_states_the_numbers(tiny_sweep):
-    result = CliRunner().invoke(
-        main, ["report", str(tiny_sweep.folder), "--baseline", str(tiny_sweep.model)]
-    )
-    assert result.exit_code == 0, result.output
+    result = invoke("report", tiny_sweep.folder, "--baseline", tiny_sweep.model)
     best = report(tiny_sweep)["best"]
     text = result.output
     assert text.startswith("# mbz compression report")
@@ -93,6 +87,5 @@ def test_missing_mbz_file_is_a_clean_error(tiny_sweep, tmp_path):
     shutil.copytree(tiny_sweep.folder, folder)
     victim = next(r for r in records(folder) if r["kind"] == "run")
     (folder / victim["file"]).unlink()
-    result = CliRunner().invoke(main, ["report", str(folder), "--baseline", str(tiny_sweep.model)])
-    assert result.exit_code == 1
+    result = invoke("report", folder, "--baseline", tiny_sweep.model, expect=1)
     assert "is missing" in result.output

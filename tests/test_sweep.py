@@ -1,10 +1,9 @@
-"""``mbz sweep``: a tiny real sweep (narrow model, 32 test images, a 2x2 grid) and its resume,
-results files and offline charts."""
+"""``mbz sweep``: grid points as pack configs, and a tiny real sweep (narrow model, 32 test
+images, a 2x2 grid) with its resume and results files."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
 from dataclasses import dataclass
@@ -12,16 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from click.testing import CliRunner
 
-from mbz.charts import pareto_front
-from mbz.checkpoint import load_model
-from mbz.cli import main
+from mbz.checkpoint import load_model, save_checkpoint
+from mbz.config import PackConfig, parse_act_bits
 from mbz.errors import MbzError
+from mbz.models import ArchConfig
 from mbz.runtime import load_program
-from mbz.sweep import expand_grid, load_grid, parse_grid
-from tests.helpers import narrow_mobilenet
+from mbz.sweep import expand_grid, load_grid, parse_grid, parse_settings, point_config
+from tests.helpers import invoke, narrow_mobilenet
 
 GRID = "bits=4,2 act_bits=32,8"
 
@@ -36,33 +33,37 @@ class Sweep:
     args: list[str]
 
 
-def sweep_args(model: Path, data: Path, folder: Path) -> list[str]:
+def sweep_args(model: Path, data: Path, folder: Path, grid: str = GRID) -> list[str]:
     return [
-        "sweep", str(model), "--data", str(data), "--grid", GRID, "-o", str(folder),
-        "--pack-args", "--calib-images 16", "--json",
+        "sweep", str(model), "--data", str(data), "--grid", grid, "-o", str(folder),
+        "--set", "calib_images=16", "--json",
     ]  # fmt: skip
 
 
-def invoke(args: list[str]):
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+def sweep(args: list[str]) -> dict:
+    return json.loads(invoke(*args).stdout)
+
+
+def tiny_inputs(root: Path) -> tuple[Path, Path]:
+    """A narrow model (its architecture recorded) and 48 random images, made once in ``root``."""
+    model, data = root / "model.pt", root / "tiny.npz"
+    if not model.exists():
+        root.mkdir(exist_ok=True)
+        save_checkpoint(model, narrow_mobilenet(width_mult=0.125), ArchConfig(width_mult=0.125))
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, 48)
+        np.savez(data, x_train=images, y_train=labels, x_test=images[:32], y_test=labels[:32])
+    return model, data
 
 
 def build_tiny_sweep(tmp_path_factory) -> Sweep:
     """The tiny sweep, in one folder of the session: the first caller runs it, later callers
     (the report tests' fixture) find every run finished and redo none."""
     root = tmp_path_factory.getbasetemp() / "tiny-sweep"
-    model, data = root / "model.pt", root / "tiny.npz"
-    if not model.exists():
-        root.mkdir(exist_ok=True)
-        torch.save(narrow_mobilenet(width_mult=0.125).state_dict(), model)
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 10, 48)
-        np.savez(data, x_train=images, y_train=labels, x_test=images[:32], y_test=labels[:32])
+    model, data = tiny_inputs(root)
     args = sweep_args(model, data, root / "out")
-    summary = invoke(args)
+    summary = sweep(args)
     assert summary["ran"] + summary["skipped"] == 5  # the baseline and 2x2 runs
     return Sweep(model, data, root / "out", args)
 
@@ -78,20 +79,52 @@ def records(folder: Path) -> list[dict]:
 
 
 def test_grid_text_and_json(tmp_path):
-    grid = parse_grid("bits=8,4 prune=0,0.36 method=kmeans")
-    assert grid == {"bits": [8, 4], "prune": [0, 0.36], "method": ["kmeans"]}
+    grid = parse_grid("bits=8,4 prune=0,0.36 method=kmeans huffman=true")
+    assert grid == {"bits": [8, 4], "prune": [0, 0.36], "method": ["kmeans"], "huffman": [True]}
     assert len(expand_grid(grid)) == 4
     path = tmp_path / "grid.json"
     path.write_text(json.dumps({"bits": [8, 4], "method": "uniform"}))
     assert load_grid(str(path)) == {"bits": [8, 4], "method": ["uniform"]}
     for bad, message in (
-        ("colour=red", "unknown grid key 'colour'"),
+        ("colour=red", "unknown grid key 'colour'; known keys: bits, method"),
+        ("version=2", "unknown grid key 'version'"),
         ("bits", "not KEY=V1,V2"),
         ("bits=8 bits=4", "given twice"),
         ("grid.yaml", "YAML"),
     ):
         with pytest.raises(MbzError, match=message):
             load_grid(bad)
+
+
+def test_a_point_is_the_base_config_with_its_values():
+    base = PackConfig(calib_images=16)
+    config = point_config(base, {"bits": 2, "act_bits": 8, "method": "uniform", "prune": 0})
+    assert config == PackConfig(
+        bits={"conv": 2, "fc": 2}, act_bits=parse_act_bits("8"), method="uniform",
+        prune=0.0, calib_images=16,
+    )  # fmt: skip
+    assert point_config(base, {"act_bits": 32}).act_bits == {}  # float activations
+    assert point_config(base, {"bits": "conv=3,fc=2"}).bits == {"conv": 3, "fc": 2}
+    assert point_config(base, {"mean": "0.5,0.5,0.5"}).mean == (0.5, 0.5, 0.5)
+    for point, message in (
+        ({"prune": 1.5}, r"prune fraction 1.5 must be in \[0, 1\)"),  # PackConfig's check
+        ({"method": "magic"}, "method 'magic'"),
+        ({"method": 3}, "method=3: expected str"),
+        ({"calib_images": 1.5}, "calib_images=1.5: expected int"),
+        ({"bits": 9}, "every value must be 1-8, 16 or 32"),
+    ):
+        with pytest.raises(MbzError, match=message):
+            point_config(base, point)
+
+
+def test_set_items_become_config_values():
+    values = parse_settings(["calib_images=16", "bits=conv=4,fc=2", "huffman=true"])
+    assert values == {"calib_images": 16, "bits": "conv=4,fc=2", "huffman": True}
+    config = point_config(PackConfig(), values)
+    assert (config.calib_images, config.bits, config.huffman) == (16, {"conv": 4, "fc": 2}, True)
+    for bad, message in (("calib_images", "not KEY=VALUE"), ("colour=red", "unknown --set")):
+        with pytest.raises(MbzError, match=message):
+            parse_settings([bad])
 
 
 def test_each_run_records_real_files(tiny_sweep):
@@ -123,6 +156,16 @@ def test_each_run_records_real_files(tiny_sweep):
         assert by_config[(2, 32)]["file_bytes"] < by_config[(4, 32)]["file_bytes"]
 
 
+def test_a_run_is_the_file_mbz_pack_writes(tiny_sweep, tmp_path):
+    run = next(r for r in records(tiny_sweep.folder) if r["config"] == {"bits": 2, "act_bits": 8})
+    output = tmp_path / "by-hand.mbz"
+    invoke(
+        "pack", tiny_sweep.model, "--bits", "conv=2,fc=2", "--act-bits", 8,
+        "--calib-images", 16, "--data", tiny_sweep.data, "-o", output,
+    )  # fmt: skip
+    assert (tiny_sweep.folder / run["file"]).read_bytes() == output.read_bytes()
+
+
 def test_csv_holds_the_json_lines(tiny_sweep):
     rows = records(tiny_sweep.folder)
     with open(tiny_sweep.folder / "results.csv", newline="") as handle:
@@ -138,7 +181,7 @@ def test_csv_holds_the_json_lines(tiny_sweep):
 
 def test_rerun_does_no_new_run(tiny_sweep):
     before = (tiny_sweep.folder / "results.jsonl").read_bytes()
-    summary = invoke(tiny_sweep.args)
+    summary = sweep(tiny_sweep.args)
     assert (summary["ran"], summary["skipped"]) == (0, 5)
     assert (tiny_sweep.folder / "results.jsonl").read_bytes() == before
 
@@ -149,33 +192,24 @@ def test_interrupted_sweep_continues(tiny_sweep, tmp_path):
     lines = (folder / "results.jsonl").read_text().splitlines()
     # Killed while writing the last record: half a line, no newline.
     (folder / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:40])
-    summary = invoke(sweep_args(tiny_sweep.model, tiny_sweep.data, folder))
+    summary = sweep(sweep_args(tiny_sweep.model, tiny_sweep.data, folder))
     assert (summary["ran"], summary["skipped"]) == (1, 4)
     again = records(folder)
     assert [r["key"] for r in again] == [json.loads(line)["key"] for line in lines]
 
 
-def test_html_is_self_contained(tiny_sweep):
-    page = (tiny_sweep.folder / "sweep.html").read_text()
-    assert page.count("<svg") == 3
-    for reference in ("http:", "https:", "//", "src=", "<link", "@import", "url("):
-        assert reference not in page, reference
-    for name in ("parallel", "pareto", "sparsity"):
-        assert (tiny_sweep.folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_grid_errors_are_clean_and_come_first(tiny_sweep, tmp_path):
+    for grid, message in (
+        ("colour=red", "unknown grid key 'colour'"),
+        ("bits=4 prune=0,2", "grid point {'bits': 4, 'prune': 2}: prune fraction 2.0"),
+    ):
+        folder = tmp_path / grid.replace(" ", "_")
+        result = invoke(*sweep_args(tiny_sweep.model, tiny_sweep.data, folder, grid), expect=1)
+        assert message in result.output and "Traceback" not in result.output
+        assert not (folder / "results.jsonl").exists()  # nothing ran before the bad point
 
 
-def test_pareto_front_keeps_undominated_points():
-    sizes = [10, 20, 30, 15, 40]
-    accuracy = [0.5, 0.7, 0.6, 0.5, 0.9]
-    # 30 is beaten by 20 (smaller, more accurate); 15 by 10 (smaller, as accurate).
-    assert pareto_front(sizes, accuracy) == [0, 1, 4]
-
-
-def test_grid_and_wandb_errors_are_clean(tiny_sweep):
-    args = [a if a != GRID else "colour=red" for a in tiny_sweep.args]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 1 and "unknown grid key 'colour'" in result.output
-    if importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed: the missing-package message cannot be shown")
-    result = CliRunner().invoke(main, [*tiny_sweep.args, "--wandb"])
-    assert result.exit_code == 1 and "pip install wandb" in result.output
+def test_ray_options_need_ray(tiny_sweep, tmp_path):
+    args = sweep_args(tiny_sweep.model, tiny_sweep.data, tmp_path / "x")
+    result = invoke(*args, "--ray-cpus", 2, expect=2)
+    assert "--ray-address and --ray-cpus need --ray" in result.output
