@@ -101,7 +101,6 @@ class Program:
                 progress,
             )
 
-
     def _check_images(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
         c, h, w = self.input_shape
