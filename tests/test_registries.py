@@ -1,7 +1,11 @@
-"""One table per layer keyed by the weight encoding, each covering every encoding, and each
-entry producing, decoding and training exactly its own encoding (see ``mbz.encodings``)."""
+"""One place per concept, kept so: one table per layer keyed by the weight encoding, each
+covering every encoding and each entry producing, decoding and training exactly its own encoding
+(see ``mbz.encodings``); command-line work only in ``mbz/cli.py`` and ``mbz/commands/``."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +86,25 @@ def test_each_layer_handles_its_encoding(encoding, pruned, weight):
     assert encoding_of(exported) == encoding
     assert encode_mbz({}, {"w": exported}) == encode_mbz({}, {"w": tensor})
 
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a source file imports (``from a import b`` counts as a and a.b)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return found
+
+
+def test_the_library_does_no_command_line_work():
+    command_line = ("click", "mbz.cli", "mbz.commands")
+    library = [p for p in (Path(__file__).parents[1] / "mbz").glob("*.py") if p.name != "cli.py"]
+    offenders = {
+        f"{path.name} imports {name}"
+        for path in library
+        for name in imported_modules(path)
+        if any(name == top or name.startswith(top + ".") for top in command_line)
+    }
+    assert not offenders
