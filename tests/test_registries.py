@@ -15,9 +15,11 @@ from mbz.config import FLOAT_BITS, METHODS, PackConfig
 from mbz.encodings import METHODS as ENCODING_METHODS
 from mbz.encodings import weight_encoding
 from mbz.format import Encoding, decode_mbz, encode_mbz
+from mbz.format.constants import GRAPH_OPS
 from mbz.format.encodings import CODECS, encoding_of
 from mbz.qat import TRAINABLE, weight_module
 from mbz.quantize import ENCODERS, Coding, quantize_weight
+from mbz.torch_graph import OPS
 
 # Every table keyed by Encoding, by the layer it serves. The ONNX exporter's table of in-graph
 # decoders goes here too (one line) when it is keyed by Encoding.
@@ -35,6 +37,11 @@ def test_every_encoding_is_in_every_registry(layer):
     missing = sorted(encoding.name for encoding in Encoding if encoding not in table)
     assert not missing, f"{layer} has no entry for {', '.join(missing)}"
     assert set(table) == set(Encoding), f"{layer} has keys that are not encodings"
+
+
+def test_the_torch_graph_runs_exactly_the_graph_ops():
+    # format's GRAPH_OPS names every op a file may hold (the Op enum, once format has one)
+    assert set(OPS) == set(GRAPH_OPS)
 
 
 def pack_choices() -> dict[Encoding, Coding]:
