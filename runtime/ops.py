@@ -1,10 +1,12 @@
 """Vectorised numpy kernels for the graph's ops, on float32 NHWC feature maps or [N, F] features.
 
-Weights arrive pre-arranged by ``prepare_*`` (done once per program). Python loops only run over
-kernel taps, never over pixels or channels. Element-wise kernels take an optional ``out`` array
-(which may be their input) so that the program can run them in place. Every kernel accepts a
-``pool``; the large ones take their arrays from it: reusing memory across the batches of a run
-avoids the page faults of fresh allocations, which otherwise cost as much as the arithmetic.
+Weights arrive pre-arranged by ``prepare_*`` (done once per program). No Python loop runs over
+pixels, channels or kernel taps: windowed ops read a strided view of every window at once
+(``windows``), and im2col scratch is built and used in blocks of at most ``SCRATCH_BYTES``.
+Element-wise kernels take an optional ``out`` array (which may be their input) so that the
+program can run them in place. Every kernel accepts a ``pool``; the large ones take their arrays
+from it: reusing memory across the batches of a run avoids the page faults of fresh
+allocations, which otherwise cost as much as the arithmetic.
 
 Quantized activations are held as integer codes (``Codes``: ``encode`` and ``decode``), bit-packed
 when they have 4 bits or fewer, so that a quantized value takes 1/4 to 1/32 of its float32 bytes.
@@ -18,10 +20,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 F32 = np.float32
 U8 = np.uint8
 CACHE_BLOCK_BYTES = 256 * 1024  # output bytes per depthwise block, well inside a core's L2
+SCRATCH_BYTES = 16 * 1024 * 1024  # im2col columns per block of output rows
 CODE_WIDTHS = (1, 2, 4, 8)  # bits per stored code: the narrowest of these that holds the bits
 Pair = tuple[int, int]
 Shape = tuple[int, ...]
@@ -133,16 +137,34 @@ def _finish(block: np.ndarray, bias_rows: np.ndarray, clip: Clip) -> None:
         np.clip(block, F32(clip[0]), F32(clip[1]), out=block)
 
 
-def _taps(
+def windows(
     padded: np.ndarray, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair
-) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(i, j, strided view of the padded input seen by kernel tap (i, j))."""
-    (sh, sw), (dh, dw), (ho, wo) = stride, dilation, out_hw
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
-            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
-            yield i, j, padded[:, rows, cols, :]
+) -> np.ndarray:
+    """A read-only strided view [N, Ho, Wo, kH, kW, C] of every window of an NHWC input:
+    ``view[n, y, x, i, j]`` is the pixel kernel tap (i, j) of output (y, x) reads. No copy."""
+    n, _, _, c = padded.shape
+    sn, sh, sw, sc = padded.strides
+    shape = (n, *out_hw, *kernel, c)
+    strides = (sn, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1], sc)
+    return as_strided(padded, shape, strides, writeable=False)
+
+
+def row_blocks(
+    images: int, rows: int, row_bytes: int, budget: int
+) -> Iterator[tuple[slice, slice]]:
+    """(images, output rows) slices covering ``images`` x ``rows`` output rows, each block
+    needing at most ``budget`` bytes at ``row_bytes`` per row (one row at least): whole images
+    when one fits, else blocks of rows of one image."""
+    per_image = rows * row_bytes
+    if per_image <= budget:
+        step = max(1, budget // max(per_image, 1))
+        for begin in range(0, images, step):
+            yield slice(begin, min(begin + step, images)), slice(0, rows)
+        return
+    step = max(1, budget // max(row_bytes, 1))
+    for image in range(images):
+        for begin in range(0, rows, step):
+            yield slice(image, image + 1), slice(begin, min(begin + step, rows))
 
 
 def _out_hw(x: np.ndarray, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> Pair:
@@ -204,9 +226,8 @@ def conv_depthwise(
     ``conv_pointwise``) stay in cache; codes are decoded a block at a time."""
     kernel, (n, _, _, c) = weight.shape[:2], x.shape
     out_hw = _out_hw(x, kernel, stride, padding, dilation)
-    rows, bias_rows = tile_rows(weight, out_hw[1]), tile_rows(bias, out_hw[1])
+    bias_rows = tile_rows(bias, out_hw[1])
     block = max(1, min(n, CACHE_BLOCK_BYTES // max(4 * c * math.prod(out_hw), 1)))
-    product = _take(pool, (block, *out_hw, c))
     images_out = _Rows.writer((n, *out_hw, c), block, quant, pool, rank=1)
     with _Rows.reader(x, block, pool, rank=1) as images, images_out:
         for begin in range(0, n, block):
@@ -214,11 +235,10 @@ def conv_depthwise(
             target = images_out.target(begin, stop)
             chunk = images.read(begin, stop)
             padded = pad_nhwc(chunk, padding, pool=pool)
-            _accumulate_taps(padded, rows, target, product, stride, dilation)
+            _accumulate_taps(padded, weight, target, stride, dilation)
             _finish(target, bias_rows, clip)
             _release_padded(pool, padded, chunk)
             images_out.write(begin, target)
-    _give(pool, product)
     return images_out.result
 
 
@@ -296,20 +316,15 @@ class _Rows:
 
 def _accumulate_taps(
     padded: np.ndarray,
-    rows: np.ndarray,
+    weight: np.ndarray,
     target: np.ndarray,
-    product: np.ndarray,
     stride: Pair,
     dilation: Pair,
 ) -> None:
-    """``target = sum over taps of view * rows[i, j]`` (``product`` is scratch space)."""
-    scratch = product[: len(target)]
-    for i, j, view in _taps(padded, rows.shape[:2], stride, dilation, target.shape[1:3]):
-        if i == 0 and j == 0:
-            np.multiply(view, rows[0, 0], out=target)
-        else:
-            np.multiply(view, rows[i, j], out=scratch)
-            target += scratch
+    """``target = sum over taps (i, j) of window tap (i, j) * weight[i, j]`` per channel, in
+    one vectorised contraction over the windows of ``padded``."""
+    view = windows(padded, weight.shape[:2], stride, dilation, target.shape[1:3])
+    np.einsum("nyxijc,ijc->nyxc", view, weight, out=target)
 
 
 def conv_grouped(
@@ -323,27 +338,37 @@ def conv_grouped(
     clip: Clip = None,
     pool: BufferPool | None = None,
 ) -> np.ndarray:
-    """Any convolution, by im2col and one (batched per group) matmul. ``weight``: see
+    """Any convolution, by im2col and one (batched per group) matmul per block of output rows,
+    the columns of a block taking at most ``SCRATCH_BYTES``. ``weight``: see
     ``prepare_grouped``."""
-    groups = weight.shape[0]
     n, c = x.shape[0], x.shape[3]
     out_hw = _out_hw(x, kernel, stride, padding, dilation)
-    columns = _take(pool, (n, *out_hw, kernel[0], kernel[1], c))
+    out = _take(pool, (n, *out_hw, weight.shape[0] * weight.shape[2]))
     padded = pad_nhwc(x, padding, pool=pool)
-    for i, j, view in _taps(padded, kernel, stride, dilation, out_hw):
-        columns[:, :, :, i, j, :] = view
+    view = windows(padded, kernel, stride, dilation, out_hw)
+    row_bytes = 4 * out_hw[1] * kernel[0] * kernel[1] * c
+    for images, rows in row_blocks(n, out_hw[0], row_bytes, SCRATCH_BYTES):
+        source = view[images, rows]
+        columns = _take(pool, source.shape)
+        np.copyto(columns, source)
+        _matmul_groups(columns, weight, out[images, rows])
+        _give(pool, columns)
     _release_padded(pool, padded, x)
-    pixels = n * out_hw[0] * out_hw[1]
-    out = _take(pool, (n, *out_hw, groups * weight.shape[2]))
-    if groups == 1:
-        np.matmul(columns.reshape(pixels, -1), weight[0], out=out.reshape(pixels, -1))
-    else:
-        per_group = columns.reshape(pixels, kernel[0] * kernel[1], groups, c // groups)
-        per_group = per_group.transpose(2, 0, 1, 3).reshape(groups, pixels, -1)
-        out.reshape(pixels, groups, -1)[:] = np.matmul(per_group, weight).transpose(1, 0, 2)
-    _give(pool, columns)
     _finish(out, tile_rows(bias, out_hw[1]), clip)
     return out
+
+
+def _matmul_groups(columns: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
+    """``out`` [b, h, w, O] = the im2col ``columns`` [b, h, w, kH, kW, C] times the grouped
+    ``weight`` [g, kH*kW*C/g, O/g]."""
+    groups, pixels = weight.shape[0], math.prod(columns.shape[:3])
+    taps, c = math.prod(columns.shape[3:5]), columns.shape[5]
+    if groups == 1:
+        np.matmul(columns.reshape(pixels, -1), weight[0], out=out.reshape(pixels, -1))
+        return
+    per_group = columns.reshape(pixels, taps, groups, c // groups)
+    per_group = per_group.transpose(2, 0, 1, 3).reshape(groups, pixels, -1)
+    out.reshape(pixels, groups, -1)[:] = np.matmul(per_group, weight).transpose(1, 0, 2)
 
 
 def linear(
@@ -567,12 +592,8 @@ def avgpool2d(
     x: np.ndarray, kernel: Pair, stride: Pair, padding: Pair, pool: BufferPool | None = None
 ) -> np.ndarray:
     """Average pooling with zero padding counted in the divisor (torch's default)."""
-    out_hw = _out_hw(x, kernel, stride, padding, (1, 1))
-    out = _take(pool, (x.shape[0], *out_hw, x.shape[3]))
-    out[:] = 0
     padded = pad_nhwc(x, padding, pool=pool)
-    for _, _, view in _taps(padded, kernel, stride, (1, 1), out_hw):
-        out += view
+    out = _pool_reduce(np.add, padded, kernel, stride, pool)
     _release_padded(pool, padded, x)
     out /= F32(kernel[0] * kernel[1])
     return out
@@ -582,13 +603,30 @@ def maxpool2d(
     x: np.ndarray, kernel: Pair, stride: Pair, padding: Pair, pool: BufferPool | None = None
 ) -> np.ndarray:
     """Max pooling; padding never wins (it is -inf)."""
-    out_hw = _out_hw(x, kernel, stride, padding, (1, 1))
-    out = _take(pool, (x.shape[0], *out_hw, x.shape[3]))
-    out[:] = -np.inf
     padded = pad_nhwc(x, padding, -np.inf, pool)
-    for _, _, view in _taps(padded, kernel, stride, (1, 1), out_hw):
-        np.maximum(out, view, out=out)
+    out = _pool_reduce(np.maximum, padded, kernel, stride, pool)
     _release_padded(pool, padded, x)
+    return out
+
+
+def _pool_reduce(
+    ufunc: np.ufunc, padded: np.ndarray, kernel: Pair, stride: Pair, pool: BufferPool | None
+) -> np.ndarray:
+    """``ufunc`` reduced over every (unpadded-arithmetic) window of ``padded``, separably: over
+    the kW columns of each window row (one reduction of a strided view), then over the kH rows
+    of those (another), so a window costs kH + kW reads, not kH * kW."""
+    n, height, width, c = padded.shape
+    out_h = (height - kernel[0]) // stride[0] + 1
+    out_w = (width - kernel[1]) // stride[1] + 1
+    sn, sh, sw, sc = padded.strides
+    columns = as_strided(padded, (n, height, out_w, kernel[1], c), (sn, sh, sw * stride[1], sw, sc))
+    rows = _take(pool, (n, height, out_w, c))
+    ufunc.reduce(columns, axis=3, out=rows)
+    rn, rh, rw, rc = rows.strides
+    windows_ = as_strided(rows, (n, out_h, kernel[0], out_w, c), (rn, rh * stride[0], rh, rw, rc))
+    out = _take(pool, (n, out_h, out_w, c))
+    ufunc.reduce(windows_, axis=2, out=out)
+    _give(pool, rows)
     return out
 
 

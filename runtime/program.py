@@ -21,10 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from mbz.format.checks import json_float32, json_scale
+from mbz.format.container import MbzFile, read_mbz
 from mbz.format.errors import MbzFormatError
+from mbz.format.limits import DEFAULT_LIMITS, Limits
 
 from . import ops
-from .graph import Shape, infer_shapes
+from .graph import GraphCost, Shape, analyze
 from .threads import blas_threads
 
 F32 = np.float32
@@ -34,6 +37,7 @@ FUSED = frozenset({"activation", "quantize"})  # attrs that fusion adds to a nod
 # Kernels that read codes and write them (``quant``) a block at a time, in cache.
 BLOCK_CODED = frozenset({ops.conv_pointwise, ops.conv_depthwise})
 PREPROCESS_KEYS = frozenset({"layout", "dtype", "mean", "std"})
+BATCH_ACTIVATION_BYTES = 1 << 28  # predict shrinks its batches to hold at most this at once
 Value = np.ndarray | ops.Codes
 Kernel = Callable[..., Value]
 
@@ -55,9 +59,18 @@ class Step:
 class Program:
     """An executable graph: ``predict`` on uint8 NHWC images, ``run`` on a float32 NCHW batch."""
 
-    def __init__(self, graph: dict, params: dict[str, np.ndarray], preprocess: dict) -> None:
-        """Validate graph, params and preprocess (MbzFormatError) and pre-arrange the weights."""
-        self.value_shapes: dict[str, Shape] = infer_shapes(graph, params)
+    def __init__(
+        self,
+        graph: dict,
+        params: dict[str, np.ndarray],
+        preprocess: dict,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        """Validate graph, params and preprocess within ``limits`` (MbzFormatError) and
+        pre-arrange the weights."""
+        self.value_shapes: dict[str, Shape]
+        self.cost: GraphCost
+        self.value_shapes, self.cost = analyze(graph, params, limits)
         self.input_name: str = graph["input"]
         self.output_name: str = graph["output"]
         self.input_shape: Shape = self.value_shapes[self.input_name]
@@ -86,11 +99,13 @@ class Program:
         progress: Callable[[int], None] | None = None,
         threads: int = 1,
     ) -> np.ndarray:
-        """Logits [N, classes] of uint8 images [N, H, W, C], ``batch_size`` images at a time,
-        with ``threads`` BLAS threads; ``progress(count)`` is called after each chunk."""
+        """Logits [N, classes] of uint8 images [N, H, W, C], ``batch_size`` images at a time
+        (fewer when their activations would exceed BATCH_ACTIVATION_BYTES), with ``threads``
+        BLAS threads; ``progress(count)`` is called after each chunk."""
         images = self._check_images(images)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = max(1, min(batch_size, BATCH_ACTIVATION_BYTES // self.cost.peak_bytes))
         pool = ops.BufferPool()
         with blas_threads(threads):
             return predict_in_batches(
@@ -150,16 +165,24 @@ def predict_in_batches(
     return np.concatenate(chunks)
 
 
-def load_program(path: str | os.PathLike) -> Program:
-    """Read a .mbz file (``mbz.format.read_mbz``) and build its Program (MbzFormatError)."""
-    from mbz.format import read_mbz
+def load_program(source: str | os.PathLike | MbzFile, limits: Limits = DEFAULT_LIMITS) -> Program:
+    """The Program of a .mbz file (a path, read with ``read_mbz``, or a read ``MbzFile``).
 
-    mbz = read_mbz(path)
+    The graph and preprocessing are validated within ``limits`` (MbzFormatError) from the
+    tensors' shapes alone, before any weight is decoded to float32."""
+    mbz = source if isinstance(source, MbzFile) else read_mbz(source, limits)
     metadata = mbz.metadata
     if not all(key in metadata for key in ("graph", "preprocess")):
         raise MbzFormatError("metadata: missing graph or preprocess")
+    shapes, _ = analyze(metadata["graph"], shape_standins(mbz), limits)
+    check_preprocess(metadata["preprocess"], shapes[metadata["graph"]["input"]][0])
     params = {name: tensor.decode() for name, tensor in mbz.tensors.items()}
-    return Program(metadata["graph"], params, metadata["preprocess"])
+    return Program(metadata["graph"], params, metadata["preprocess"], limits)
+
+
+def shape_standins(mbz: MbzFile) -> dict[str, np.ndarray]:
+    """Read-only zero-byte arrays with the shapes of the file's tensors, for validation."""
+    return {name: np.broadcast_to(F32(0), tensor.shape) for name, tensor in mbz.tensors.items()}
 
 
 # ------------------------------------------------------------------------------ compilation
@@ -185,29 +208,24 @@ def _live_bytes(values: dict[str, Value]) -> int:
 
 
 def check_preprocess(preprocess: Any, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """The float32 mean and std of a valid preprocess object."""
+    """The float32 mean and std of a valid preprocess object: finite float32 means, and stds
+    that are normal float32 numbers > 0 (so that dividing by them stays finite)."""
     if not isinstance(preprocess, dict) or set(preprocess) != PREPROCESS_KEYS:
         raise MbzFormatError(f"preprocess: must be an object with keys {sorted(PREPROCESS_KEYS)}")
     if preprocess["layout"] != "NHWC" or preprocess["dtype"] != "uint8":
         raise MbzFormatError("preprocess: layout must be 'NHWC' and dtype 'uint8'")
-    mean, std = (_channel_floats(preprocess, key, channels) for key in ("mean", "std"))
-    if not np.all(std > 0):
-        raise MbzFormatError("preprocess: std must be > 0")
+    mean = _channel_floats(preprocess, "mean", channels, json_float32)
+    std = _channel_floats(preprocess, "std", channels, json_scale)
     return mean, std
 
 
-def _channel_floats(preprocess: dict, key: str, channels: int) -> np.ndarray:
+def _channel_floats(
+    preprocess: dict, key: str, channels: int, check: Callable[[Any, str], np.float32]
+) -> np.ndarray:
     values = preprocess[key]
-    numbers = isinstance(values, list) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in values
-    )
-    if not numbers or len(values) != channels:
+    if not isinstance(values, list) or len(values) != channels:
         raise MbzFormatError(f"preprocess: {key} must be a list of {channels} numbers")
-    with np.errstate(over="ignore"):
-        array = np.array(values, dtype=F32)
-    if not np.all(np.isfinite(array)):
-        raise MbzFormatError(f"preprocess: {key} must be finite in float32")
-    return array
+    return np.array([check(v, f"preprocess: each {key}") for v in values], dtype=F32)
 
 
 def _compile(graph: dict, params: dict[str, np.ndarray]) -> list[Step]:
