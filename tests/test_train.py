@@ -2,7 +2,6 @@
 
 import copy
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -365,54 +364,6 @@ def test_too_few_classes_is_a_usage_error(data_path, tmp_path):
         "train", "--data", data_path, "-o", tmp_path / "m.pt", "--num-classes", 2, *QUICK, expect=2
     )
     assert "--num-classes 3" in result.output
-
-
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
-def test_wandb_without_the_package_says_how_to_install_it(data_path, tmp_path):
-    result = invoke(
-        "train", "--data", data_path, "-o", tmp_path / "m.pt", "--wandb", *QUICK, expect=1
-    )
-    assert "pip install wandb" in result.output
-    assert not (tmp_path / "m.pt").exists()
-
-
-class FakeWandb:
-    """Stands in for the wandb package (not installed here) and records the calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-        self.summary: dict = {}
-
-    def init(self, **kwargs):
-        self.calls.append(("init", kwargs))
-        return self
-
-    def log(self, stats: dict, step: int) -> None:
-        self.calls.append(("log", step, sorted(stats)))
-
-    def finish(self) -> None:
-        self.calls.append(("finish",))
-
-
-def test_wandb_logs_every_epoch(monkeypatch, data_path, tmp_path):
-    fake = FakeWandb()
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    result = invoke(
-        "train",
-        "--data",
-        data_path,
-        "-o",
-        tmp_path / "m.pt",
-        "--wandb",
-        "--wandb-project",
-        "demo",
-        *QUICK,
-    )
-    assert result.exit_code == 0, result.output
-    (_, init), (_, step, keys), finish = fake.calls
-    assert init["project"] == "demo" and init["config"]["arch"]["width_mult"] == 0.25
-    assert step == 1 and {"train_loss", "val_accuracy", "images_per_s"} <= set(keys)
-    assert finish == ("finish",) and set(fake.summary) == {"test_accuracy", "test_loss"}
 
 
 @pytest.mark.slow
