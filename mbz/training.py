@@ -144,12 +144,16 @@ def split_holdout(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset
             f"{dataset.source}: both parts need at least one image (use 0 < fraction < 1)"
         )
     order = np.random.default_rng(seed).permutation(len(dataset))
-    parts = np.sort(order[count:]), np.sort(order[:count])
-    names = (f"{dataset.source} without holdout", f"{dataset.source} holdout {fraction:g}")
-    return tuple(
-        replace(dataset, images=dataset.images[part], labels=dataset.labels[part], source=name)
-        for part, name in zip(parts, names, strict=True)
+    rest, held = np.sort(order[count:]), np.sort(order[:count])
+    return (
+        _subset(dataset, rest, f"{dataset.source} without holdout"),
+        _subset(dataset, held, f"{dataset.source} holdout {fraction:g}"),
     )
+
+
+def _subset(dataset: Dataset, indices: np.ndarray, source: str) -> Dataset:
+    images, labels = dataset.images[indices], dataset.labels[indices]
+    return replace(dataset, images=images, labels=labels, source=source)
 
 
 @dataclass
@@ -271,12 +275,12 @@ class _Trainer:
                 on_step(
                     StepReport(epoch + 1, recipe.epochs, index + 1, plan.steps, done, start, sums)
                 )
-        loss_sum, correct, count = all_sum([*sums.tolist(), plan.shard], process)
+        loss_total, correct_total, count = all_sum([*sums.tolist(), plan.shard], process)
         seconds = time.perf_counter() - start
         return {
             "lr": self.optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / count,
-            "train_accuracy": correct / count,
+            "train_loss": loss_total / count,
+            "train_accuracy": correct_total / count,
             "images_per_s": count / seconds,
         }
 
@@ -335,7 +339,7 @@ def fit(
     with process_group(device) as process:
         if process.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        model.to(process.device, memory_format=torch.channels_last)
+        model.to(process.device).to(memory_format=torch.channels_last)
         plan = _Plan.of(train, recipe, process)
         trainer = _Trainer(model, recipe, process, plan, mean, std, penalty, after_step)
         if optimizer_state is not None:
@@ -369,7 +373,7 @@ def _run_epoch(
     stats["seconds"] = time.perf_counter() - start
     history = [*result.history, stats]
     best = result.best_val_accuracy
-    if val is None or best is None or val_accuracy > best:
+    if val_accuracy is None or best is None or val_accuracy > best:
         state = _cpu_state(trainer.model.state_dict())
         return FitResult(history, state, epoch + 1, val_accuracy)
     return replace(result, history=history)
