@@ -32,10 +32,20 @@ def json_int(value: Any, low: int, high: int, where: str) -> int:
 
 
 def json_str(value: Any, where: str) -> str:
-    """``value`` when it is a non-empty string."""
-    if not isinstance(value, str) or not value:
-        raise MbzFormatError(f"{where} must be a non-empty string, got {_show(value)}")
+    """``value`` when it is a non-empty string of Unicode scalar values (JSON's ``\\ud800``
+    escapes can make lone surrogates, which no UTF-8 consumer accepts)."""
+    if not isinstance(value, str) or not value or not is_utf8(value):
+        raise MbzFormatError(f"{where} must be a non-empty UTF-8 string, got {_show(value)}")
     return value
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes to UTF-8 (holds no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def json_float32(value: Any, where: str) -> np.float32:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .checks import is_utf8
 from .constants import (
     CSR_KEYS,
     DESCRIPTOR_KEYS,
@@ -82,8 +83,10 @@ class Descriptor:
 def parse_descriptor(name: str, obj: object, strict: bool) -> Descriptor:
     """Validate one JSON descriptor; ``strict`` (file minor <= ours) also rejects unknown keys."""
     where = f"tensor {name!r}"
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES or not name:
-        raise MbzFormatError(f"{where}: name is empty or longer than {MAX_NAME_BYTES} bytes")
+    if not name or not is_utf8(name) or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise MbzFormatError(
+            f"{where}: name is empty, not UTF-8 or longer than {MAX_NAME_BYTES} bytes"
+        )
     if not isinstance(obj, dict):
         raise MbzFormatError(f"{where}: descriptor is not a JSON object")
     encoding = _enum(obj, "encoding", _ENCODINGS, where)

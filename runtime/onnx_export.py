@@ -44,11 +44,12 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from mbz.format import CodebookTensor, DenseTensor, MbzFile, MbzFormatError, Tensor, UniformTensor
+from mbz.format import CodebookTensor, DenseTensor, MbzFile, Tensor, UniformTensor
 from mbz.format.bits import pack_bits
+from mbz.format.limits import DEFAULT_LIMITS, Limits
 
-from .graph import Shape, infer_shapes
-from .program import check_preprocess, predict_in_batches
+from .graph import Shape
+from .program import check_runnable, predict_in_batches
 
 OPSET = 21
 IR_VERSION = 10
@@ -310,26 +311,17 @@ def _preprocess(b: _Builder, graph: dict, mean: np.ndarray, std: np.ndarray) -> 
     b.op("Transpose", [x], graph_value(graph["input"], graph), perm=[0, 3, 1, 2])
 
 
-def _validated(mbz: MbzFile) -> tuple[dict, dict[str, Shape], np.ndarray, np.ndarray]:
-    """The graph, its per-image value shapes and the preprocess mean/std (MbzFormatError)."""
-    metadata = mbz.metadata
-    if not all(key in metadata for key in ("graph", "preprocess")):
-        raise MbzFormatError("metadata: missing graph or preprocess")
-    graph = metadata["graph"]
-    standins = {name: np.broadcast_to(F32(0), t.shape) for name, t in mbz.tensors.items()}
-    shapes = infer_shapes(graph, standins)
-    mean, std = check_preprocess(metadata["preprocess"], shapes[graph["input"]][0])
-    return graph, shapes, mean, std
-
-
-def export_onnx(mbz: MbzFile, dense: bool = False) -> onnx.ModelProto:
+def export_onnx(
+    mbz: MbzFile, dense: bool = False, limits: Limits = DEFAULT_LIMITS
+) -> onnx.ModelProto:
     """The ONNX model of a read .mbz file: uint8 NHWC images in, ``logits`` out, dynamic batch.
 
     Weights stay in the file's encodings and are decoded by the graph (module docstring);
     ``dense=True`` stores them as float32 instead. Raises MbzFormatError when the file has no
-    valid graph or preprocess.
+    valid graph or preprocess, or when running it would exceed ``limits``.
     """
-    graph, shapes, mean, std = _validated(mbz)
+    shapes, mean, std = check_runnable(mbz, limits)
+    graph = mbz.metadata["graph"]
     b = _Builder()
     _preprocess(b, graph, mean, std)
     decoded: dict[str, str] = {}

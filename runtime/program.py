@@ -166,18 +166,26 @@ def predict_in_batches(
 
 
 def load_program(source: str | os.PathLike | MbzFile, limits: Limits = DEFAULT_LIMITS) -> Program:
-    """The Program of a .mbz file (a path, read with ``read_mbz``, or a read ``MbzFile``).
-
-    The graph and preprocessing are validated within ``limits`` (MbzFormatError) from the
-    tensors' shapes alone, before any weight is decoded to float32."""
+    """The Program of a .mbz file (a path, read with ``read_mbz``, or a read ``MbzFile``),
+    validated by ``check_runnable`` before any weight is decoded to float32."""
     mbz = source if isinstance(source, MbzFile) else read_mbz(source, limits)
+    check_runnable(mbz, limits)
+    params = {name: tensor.decode() for name, tensor in mbz.tensors.items()}
+    return Program(mbz.metadata["graph"], params, mbz.metadata["preprocess"], limits)
+
+
+def check_runnable(
+    mbz: MbzFile, limits: Limits = DEFAULT_LIMITS
+) -> tuple[dict[str, Shape], np.ndarray, np.ndarray]:
+    """Validate a read file's graph and preprocessing within ``limits`` from the tensors'
+    shapes alone (MbzFormatError); returns every value's per-image shape, and the float32
+    preprocessing mean and std."""
     metadata = mbz.metadata
     if not all(key in metadata for key in ("graph", "preprocess")):
         raise MbzFormatError("metadata: missing graph or preprocess")
     shapes, _ = analyze(metadata["graph"], shape_standins(mbz), limits)
-    check_preprocess(metadata["preprocess"], shapes[metadata["graph"]["input"]][0])
-    params = {name: tensor.decode() for name, tensor in mbz.tensors.items()}
-    return Program(metadata["graph"], params, metadata["preprocess"], limits)
+    mean, std = check_preprocess(metadata["preprocess"], shapes[metadata["graph"]["input"]][0])
+    return shapes, mean, std
 
 
 def shape_standins(mbz: MbzFile) -> dict[str, np.ndarray]:
