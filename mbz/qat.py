@@ -66,18 +66,20 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 class FloatWeight(nn.Module):
-    """A float weight under an optional keep-mask (weight pruning); float16 when ``half``."""
+    """A float weight under an optional keep-mask (weight pruning); float16 when ``float16``."""
 
-    def __init__(self, value: np.ndarray, mask: np.ndarray | None, half: bool = False) -> None:
+    mask: torch.Tensor | None
+
+    def __init__(self, value: np.ndarray, mask: np.ndarray | None, float16: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.from_numpy(np.array(value, np.float32)))
         self.register_buffer("mask", _buffer(mask))
-        self.half = half
+        self.float16 = float16  # not ``half``, which would hide ``nn.Module.half()``
 
     def forward(self) -> torch.Tensor:
-        """The weight as stored: float16-rounded when ``half``, zero where masked."""
-        weight = self.weight
-        if self.half:
+        """The weight as stored: float16-rounded when ``float16``, zero where masked."""
+        weight: torch.Tensor = self.weight
+        if self.float16:
             weight = straight_through(weight.half().float(), weight)
         return _masked(weight, self.mask)
 
@@ -89,19 +91,23 @@ class FloatWeight(nn.Module):
 
     def set_mask(self, mask: np.ndarray) -> None:
         """Replace the keep-mask (gradual magnitude pruning) and zero what it drops."""
-        self.mask = _buffer(mask).to(self.weight.device)
+        self.mask = torch.from_numpy(np.array(mask, dtype=bool)).to(self.weight.device)
         self.apply_mask()
 
     def export(self, template: Tensor | None = None) -> DenseTensor:
         """The container tensor (float16 or float32) of the weight as the forward uses it."""
         values = self.forward()
         mask = None if self.mask is None else self.mask.cpu().numpy()
-        stored = _numpy(values).astype(np.float16) if self.half else _numpy(values)
+        stored = _numpy(values).astype(np.float16) if self.float16 else _numpy(values)
         return DenseTensor(values=stored, mask=mask)
 
 
 class CodebookWeight(nn.Module):
     """``codebook[indices]``: trainable centroids shared by the weights that index them."""
+
+    indices: torch.Tensor
+    mask: torch.Tensor | None
+    share: torch.Tensor
 
     def __init__(self, tensor: CodebookTensor) -> None:
         super().__init__()
@@ -135,6 +141,9 @@ class CodebookWeight(nn.Module):
 class UniformWeight(nn.Module):
     """LSQ fake quantization ``(clamp(round(w / s) + z, 0, 2^bits - 1) - z) * s`` of trainable
     float weights ``w``, learnable scales ``s`` and fixed integer zero points ``z``."""
+
+    zero_point: torch.Tensor
+    mask: torch.Tensor | None
 
     def __init__(self, latent: np.ndarray, tensor: UniformTensor) -> None:
         super().__init__()
@@ -199,7 +208,7 @@ class Trainable:
 TRAINABLE: dict[Encoding, Trainable] = {
     Encoding.CODEBOOK: Trainable(lambda _, t: CodebookWeight(t), "k-means centroid fine-tuning"),
     Encoding.UNIFORM: Trainable(UniformWeight, "uniform QAT (LSQ scales)"),
-    Encoding.F16: Trainable(lambda v, t: FloatWeight(v, t.mask, half=True), "float16 weights"),
+    Encoding.F16: Trainable(lambda v, t: FloatWeight(v, t.mask, float16=True), "float16 weights"),
     Encoding.F32: Trainable(lambda v, t: FloatWeight(v, t.mask), None),
 }
 
