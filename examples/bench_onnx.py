@@ -150,7 +150,7 @@ def main() -> None:
     test = load_split(str(args.data), "test")
     module = fitted_model(load_split(str(args.data), "train").head(args.fit_images))
     torch.save(module.state_dict(), args.output.with_suffix(".pt"))
-    pack(load_model(args.output.with_suffix(".pt")), CONFIG, args.output)
+    pack(load_model(args.output.with_suffix(".pt"), arch="cifar"), CONFIG, args.output)
     mbz = read_mbz(args.output)
     models = {"onnx": export_onnx(mbz), "onnx --dense": export_onnx(mbz, dense=True)}
     sizes = {".mbz": mbz.file_size}

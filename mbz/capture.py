@@ -2,8 +2,8 @@
 
 Every module call and function call of ``forward`` becomes a graph node (or disappears, for
 dropout and identities); anything mbz's runtimes cannot execute raises MbzError naming it and
-the module it sits in. TorchScript cannot be traced: a scripted mbz MobileNet-v2 is rebuilt from
-its weights and captured instead.
+the module it sits in (every unsupported operation of the model at once). TorchScript cannot be
+traced: a scripted MobileNet-v2 is rebuilt from its weights and captured instead.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from mbz.errors import MbzError
-from mbz.models import infer_arch
+from mbz.models import ARCHS, infer_arch
 
 SUPPORTED = "Conv2d, BatchNorm2d, ReLU, ReLU6, add, pooling, flatten, dropout, Linear"
 INPUT = "input"
@@ -48,7 +48,19 @@ def capture(module: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32)) -> Ca
     builder = _Builder(dict(traced.named_modules()), input_shape)
     for node in traced.graph.nodes:
         builder.visit(node)
+    if builder.unsupported:
+        raise MbzError(_unsupported_summary(builder.unsupported))
     return CapturedModel(builder.graph, builder.params, builder.bn_gamma)
+
+
+def _unsupported_summary(found: list[_Unsupported]) -> str:
+    """Every unsupported operation, each with the modules it sits in."""
+    places: dict[str, list[str]] = {}
+    for each in found:
+        places.setdefault(each.op, []).append(each.where)
+    listed = "; ".join(f"{op!r} in {', '.join(where)}" for op, where in places.items())
+    count = f"{len(places)} unsupported operation{'s' if len(places) > 1 else ''}"
+    return f"the model uses {count}: {listed}. mbz supports {SUPPORTED}"
 
 
 @contextmanager
@@ -77,27 +89,35 @@ def _trace(module: nn.Module) -> fx.GraphModule:
 
 
 def _rebuild_scripted(module: torch.jit.ScriptModule, input_shape: tuple[int, ...]) -> nn.Module:
-    """mbz's MobileNet-v2 with the weights of a scripted one, checked to compute the same."""
+    """The MobileNet-v2 (one of ARCHS) with the weights of a scripted one that computes the
+    same as it."""
     state_dict = dict(module.state_dict())
-    try:
-        rebuilt = infer_arch(state_dict).build()
-    except MbzError as exc:
-        raise MbzError(
-            "torch.fx cannot trace TorchScript, so mbz captures a TorchScript model only when its "
-            f"weights are mbz's MobileNet-v2, and these are not: {exc}"
-        ) from exc
-    rebuilt.load_state_dict(state_dict, strict=False)  # infer_arch checked keys and shapes
     device = next(module.parameters()).device
     batch = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
     with _eval_mode(module), torch.no_grad():
-        expected, got = _run_scripted(module, batch), rebuilt.to(device).eval()(batch)
-    if not torch.allclose(expected, got, rtol=1e-3, atol=_SCRIPT_CHECK_ATOL):
+        expected = _run_scripted(module, batch)
+        for name in ARCHS.values():
+            rebuilt = _rebuilt(state_dict, name).to(device).eval()
+            if torch.allclose(expected, rebuilt(batch), rtol=1e-3, atol=_SCRIPT_CHECK_ATOL):
+                return rebuilt.cpu()
+    raise MbzError(
+        "the TorchScript model has the weights of a MobileNet-v2 but computes something else "
+        f"than {' and '.join(ARCHS.values())} (other strides or layers), and torch.fx cannot trace "
+        "TorchScript; save the nn.Module itself with torch.save(model) and pass --trust-pickle"
+    )
+
+
+def _rebuilt(state_dict: dict[str, torch.Tensor], name: str) -> nn.Module:
+    """The architecture ``name`` with a scripted model's weights."""
+    try:
+        rebuilt = infer_arch(state_dict, name).build()
+    except MbzError as exc:
         raise MbzError(
-            "the TorchScript model has the weights of mbz's MobileNet-v2 but computes something "
-            "else (other strides or layers), and torch.fx cannot trace TorchScript; save the "
-            "nn.Module itself with torch.save(model) and pass --trust-pickle"
-        )
-    return rebuilt.cpu()
+            "torch.fx cannot trace TorchScript, so mbz captures a TorchScript model only when its "
+            f"weights are a MobileNet-v2 mbz can rebuild, and these are not: {exc}"
+        ) from exc
+    rebuilt.load_state_dict(state_dict, strict=False)  # infer_arch checked keys and shapes
+    return rebuilt
 
 
 def _run_scripted(module: torch.jit.ScriptModule, batch: torch.Tensor) -> torch.Tensor:
@@ -132,8 +152,16 @@ def _pair(value: object, what: str, where: str) -> list[int]:
     raise MbzError(f"unsupported {what}={value!r} in {where}; use an int or a pair of ints")
 
 
-def _unsupported(name: str, where: str) -> MbzError:
-    return MbzError(f"unsupported operation {name!r} in {where}; mbz supports {SUPPORTED}")
+class _Unsupported(MbzError):
+    """An operation mbz's runtimes cannot execute; capture collects them all before failing."""
+
+    def __init__(self, op: str, where: str) -> None:
+        super().__init__(f"unsupported operation {op!r} in {where}; mbz supports {SUPPORTED}")
+        self.op, self.where = op, where
+
+
+def _unsupported(name: str, where: str) -> _Unsupported:
+    return _Unsupported(name, where)
 
 
 def _where(node: fx.Node) -> str:
@@ -192,6 +220,7 @@ class _Builder:
     sizes: dict[fx.Node, tuple[fx.Node, int | None]] = field(default_factory=dict)
     names: set[str] = field(default_factory=lambda: {INPUT})
     output: str | None = None
+    unsupported: list[_Unsupported] = field(default_factory=list)
 
     @property
     def graph(self) -> dict:
@@ -204,7 +233,8 @@ class _Builder:
         }
 
     def visit(self, node: fx.Node) -> None:
-        """Translate one fx node."""
+        """Translate one fx node; an unsupported operation is noted (its output stands in as a
+        value, so that the rest of the model is still read) for ``capture`` to report."""
         handlers = {
             "placeholder": self._placeholder,
             "get_attr": self._get_attr,
@@ -213,7 +243,11 @@ class _Builder:
             "call_method": self._call_method,
             "output": self._output,
         }
-        handlers[node.op](node)
+        try:
+            handlers[node.op](node)
+        except _Unsupported as unsupported:
+            self.unsupported.append(unsupported)
+            self.values[node] = f"<{unsupported.op}>"
 
     # Bookkeeping.
 

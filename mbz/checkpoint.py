@@ -1,8 +1,10 @@
 """Loading the model to compress from a PyTorch file, and saving mbz's own checkpoints.
 
-Accepted: TorchScript archives, state_dicts of mbz's MobileNet-v2 (bare or inside a checkpoint
-dict, DDP ``module.`` prefixes allowed), mbz checkpoints (which record the architecture), and,
-only with ``trust_pickle``, whole pickled modules. Files are read with ``weights_only=True``
+Accepted: TorchScript archives, state_dicts of a MobileNet-v2 in torchvision's layout (bare or
+inside a checkpoint dict, DDP ``module.`` prefixes allowed) with the architecture named by the
+caller (``arch``, an ``--arch`` choice of ``mbz.models.ARCHS``: the weights do not say which
+strides they were trained with), mbz checkpoints (which record the architecture), and, only with
+``trust_pickle``, whole pickled modules. Files are read with ``weights_only=True``
 unless the user trusts them, because unpickling anything else can run code from the file.
 """
 
@@ -21,7 +23,15 @@ import torch
 from torch import nn
 
 from mbz.errors import MbzError
-from mbz.models import ArchConfig, describe_mismatches, infer_arch, state_dict_mismatches
+from mbz.models import (
+    ARCH_NAME,
+    ArchConfig,
+    arch_choices,
+    arch_named,
+    describe_mismatches,
+    infer_arch,
+    state_dict_mismatches,
+)
 
 STATE_DICT_KEYS = ("state_dict", "model", "net", "model_state_dict")
 _EXPECTED = (
@@ -33,6 +43,7 @@ _LISTED_KEYS = 8
 _ZIP_MAGIC = b"PK\x03\x04"
 # What torch.save's legacy (non-zip) format starts with: its magic number, pickled (protocol 2).
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_RUN_KEYS = ("recipe", "epoch", "history", "optimizer")  # what mbz train saves besides weights
 
 
 @dataclass
@@ -40,19 +51,60 @@ class LoadedModel:
     """A model ready to compress: on the CPU, in eval mode, with facts about its source file."""
 
     module: nn.Module
-    source_sha256: str  # of the file's bytes
+    source_sha256: str  # of the file's bytes (of the weights, for a module given in memory)
     fp32_bytes: int  # 4 bytes per element of the parameters and floating-point buffers
-    arch: ArchConfig | None  # None for TorchScript and whole pickled modules
+    arch: ArchConfig | None  # None for TorchScript and whole modules (captured as they are)
     extra: dict = field(default_factory=dict)  # other plain checkpoint fields (epoch, accuracy)
 
+    @classmethod
+    def of(cls, module: nn.Module) -> LoadedModel:
+        """A module given in memory, captured as it is (its training flags are left alone)."""
+        digest = hashlib.sha256()
+        for key, value in module.state_dict().items():
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return cls(module, digest.hexdigest(), _fp32_bytes(module), None)
 
-def load_model(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
+
+@dataclass
+class SavedRun:
+    """A training run saved by ``mbz train``, to be resumed."""
+
+    loaded: LoadedModel
+    recipe: dict  # mbz.training.Recipe.to_dict()
+    epoch: int
+    history: list[dict]
+    optimizer: dict  # the optimizer's state_dict
+
+
+def load_model(
+    path: str | Path, trust_pickle: bool = False, arch: str | None = None
+) -> LoadedModel:
     """Load the model in ``path`` (see the module docstring for the accepted files).
 
     Without ``trust_pickle`` a file holding pickled Python objects other than tensors (such as
-    a whole ``nn.Module``) is refused, since loading it would run code from the file.
+    a whole ``nn.Module``) is refused, since loading it would run code from the file. ``arch``
+    names the network of a state_dict that does not record it (``cifar`` or ``torchvision``,
+    the keys of ``mbz.models.ARCHS``).
     """
-    path = Path(path)
+    return _open(Path(path), trust_pickle, arch)[0]
+
+
+def load_run(path: str | Path) -> SavedRun:
+    """The run saved in ``path`` by ``mbz train`` (weights, architecture, recipe, epoch,
+    history, optimizer state), read once; MbzError if another program wrote the file."""
+    loaded, saved = _open(Path(path), False, None)
+    if loaded.arch is None or not isinstance(saved, Mapping) or not set(_RUN_KEYS) <= set(saved):
+        raise MbzError(
+            f"{path} was not written by mbz train (it lacks the architecture, recipe, epoch, "
+            "history or optimizer state); start a new run without --resume"
+        )
+    return SavedRun(loaded, *(saved[key] for key in _RUN_KEYS))
+
+
+def _open(path: Path, trust_pickle: bool, arch: str | None) -> tuple[LoadedModel, object]:
+    """The model in ``path`` and the object ``torch.load`` gave (None for TorchScript)."""
+    arch = arch if arch is None else arch_named(arch)
     if not path.is_file():
         raise MbzError(
             f"model file {path} not found (or not a file); pass a file written by torch.save "
@@ -60,11 +112,23 @@ def load_model(path: str | Path, trust_pickle: bool = False) -> LoadedModel:
         )
     data = path.read_bytes()
     if _is_torchscript(data):
-        module, arch, extra = _load_torchscript(path, data), None, {}
+        _no_arch_for_modules(arch, path)
+        obj, module, recorded, extra = None, _load_torchscript(path, data), None, {}
     else:
-        module, arch, extra = _resolve(path, _load_torch(path, data, trust_pickle))
+        obj = _load_torch(path, data, trust_pickle)
+        module, recorded, extra = _resolve(path, obj, arch)
     module.eval()
-    return LoadedModel(module, hashlib.sha256(data).hexdigest(), _fp32_bytes(module), arch, extra)
+    digest = hashlib.sha256(data).hexdigest()
+    return LoadedModel(module, digest, _fp32_bytes(module), recorded, extra), obj
+
+
+def _no_arch_for_modules(arch: str | None, where: object) -> None:
+    """MbzError when an architecture is named for a whole module (which needs none)."""
+    if arch is not None:
+        raise MbzError(
+            f"--arch names the network of a state_dict, but {where} holds a whole module, "
+            "which is captured as it is: drop --arch"
+        )
 
 
 def save_checkpoint(path: str | Path, module: nn.Module, arch: ArchConfig, **extra: object) -> None:
@@ -122,6 +186,8 @@ def _load_torch(path: Path, data: bytes, trust_pickle: bool) -> object:
     """What ``torch.load`` gives: weights only, or anything when the user trusts the file."""
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=not trust_pickle)
+    except (ModuleNotFoundError, AttributeError) as exc:  # trusted pickle of a class not found
+        raise _missing_class(path, exc) from exc
     except pickle.UnpicklingError as exc:
         if trust_pickle or not _is_torch_save_file(data):
             raise _unreadable(path, data, exc) from exc
@@ -132,6 +198,24 @@ def _load_torch(path: Path, data: bytes, trust_pickle: bool) -> object:
         ) from exc
     except Exception as exc:  # torch.load reports a foreign or damaged file many ways
         raise _unreadable(path, data, exc) from exc
+
+
+def _missing_class(path: Path, exc: ModuleNotFoundError | AttributeError) -> MbzError:
+    """The error for a pickled module whose class cannot be imported here."""
+    if isinstance(exc, ModuleNotFoundError):
+        what = f"needs the Python module {exc.name!r}, which cannot be imported here"
+        fix = f"make {exc.name!r} importable (add the folder holding it to PYTHONPATH)"
+    else:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        what = f"needs a class that cannot be found here ({reason})"
+        fix = (
+            "make its module importable (a class defined in the script that saved the model, "
+            "__main__, must move to a module on PYTHONPATH)"
+        )
+    return MbzError(
+        f"{path} holds a pickled module that {what}; {fix}, or save model.state_dict() (a "
+        "MobileNet-v2, packed with --arch), or pack the module from Python with mbz.pack(model)"
+    )
 
 
 def _unreadable(path: Path, data: bytes, exc: Exception) -> MbzError:
@@ -162,12 +246,15 @@ def _is_plain(value: object) -> bool:
     return value is None or isinstance(value, bool | int | float | str)
 
 
-def _resolve(path: Path, obj: object) -> tuple[nn.Module, ArchConfig | None, dict]:
+def _resolve(
+    path: Path, obj: object, arch_name: str | None
+) -> tuple[nn.Module, ArchConfig | None, dict]:
     """The module, architecture and extra fields held by a loaded file's object."""
     if isinstance(obj, nn.Module):
+        _no_arch_for_modules(arch_name, path)
         return obj, None, {}
     if _is_state_dict(obj):
-        module, arch = _build(path, obj, None)
+        module, arch = _build(path, obj, None, arch_name)
         return module, arch, {}
     if not isinstance(obj, Mapping):
         raise MbzError(f"{path} holds a {type(obj).__name__}; {_EXPECTED}")
@@ -177,9 +264,15 @@ def _resolve(path: Path, obj: object) -> tuple[nn.Module, ArchConfig | None, dic
         raise MbzError(f"{path} holds a dict with keys {_listed(obj)}; {_EXPECTED}")
     extra = {k: v for k, v in obj.items() if k not in (key, "arch") and _is_plain(v)}
     if isinstance(obj[key], nn.Module):
+        _no_arch_for_modules(arch_name, path)
         return obj[key], None, extra
     arch = ArchConfig.from_dict(obj["arch"]) if "arch" in obj else None
-    module, arch = _build(path, obj[key], arch)
+    if arch is not None and arch_name not in (None, arch.name):
+        raise MbzError(
+            f"{path} records the architecture {arch.name!r}, not {arch_name!r}: drop --arch, "
+            "which is for state_dicts that record none"
+        )
+    module, arch = _build(path, obj[key], arch, arch_name)
     return module, arch, extra
 
 
@@ -197,11 +290,18 @@ def _strip_ddp(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def _build(
-    path: Path, state_dict: Mapping[str, torch.Tensor], arch: ArchConfig | None
+    path: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    arch: ArchConfig | None,
+    arch_name: str | None,
 ) -> tuple[nn.Module, ArchConfig]:
-    """mbz's MobileNet-v2 of the recorded (or recognised) architecture, with the weights."""
+    """The recorded architecture (or the named one, its width and classes read from the
+    weights) with the weights; MbzError when neither says which network the weights are."""
     weights = _strip_ddp(state_dict)
-    arch = arch or infer_arch(weights)
+    if arch is None:
+        arch = infer_arch(weights, arch_name or ARCH_NAME)  # refuses other layouts
+        if arch_name is None:
+            raise MbzError(_unnamed(path, arch))
     module = arch.build()
     problems = state_dict_mismatches(module, weights)
     if problems:
@@ -212,3 +312,13 @@ def _build(
     # Keys and shapes are checked above; strict=False only lets missing BN counters through.
     module.load_state_dict(weights, strict=False)
     return module, arch
+
+
+def _unnamed(path: Path, found: ArchConfig) -> str:
+    """Why a state_dict without a recorded architecture needs ``--arch``."""
+    return (
+        f"{path} holds a MobileNet-v2 state_dict (width {found.width_mult:g}, "
+        f"{found.num_classes} classes) that does not record its network, and the weights do "
+        f"not say which strides it was trained with: pass --arch {arch_choices()}. "
+        "Checkpoints written by mbz train record it and need no --arch"
+    )

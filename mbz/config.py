@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+
+from mbz.errors import MbzError
 
 CONFIG_VERSION = 1
 FLOAT_BITS = (16, 32)  # 32 keeps float32, 16 stores float16
 VALID_BITS = (*range(1, 9), *FLOAT_BITS)
 GROUPS = ("conv", "fc", "dw", "pw", "first")
+DEFAULT_BITS = {"conv": 4, "fc": 4}  # what --bits rules overlay: every conv and linear layer
 METHODS = ("kmeans", "uniform")
 PRUNE_MODES = ("channel", "weight")
 # Activation points (SPEC.md section 7): the network input, every relu/relu6 output, every
@@ -23,6 +27,7 @@ CALIB_METHODS = ("min-max", "percentile", "mse")
 _PRECEDENCE = {"conv": 0, "fc": 0, "dw": 1, "pw": 1, "first": 2}
 _ACT_PRECEDENCE = dict.fromkeys(ACT_GROUPS, 0)  # each point is in exactly one group
 _GLOB_PRECEDENCE = 3
+_LISTED_NAMES = 12  # how many layer or point names an error message lists
 # Pack config fields that only matter with quantized activations; left out of the metadata
 # without them, so that files packed without --act-bits stay byte-identical.
 _ACT_FIELDS = ("act_bits", "calib", "calib_images", "calib_percentile")
@@ -65,10 +70,20 @@ class ActPoint:
         return {self.group}
 
 
+class SelectorError(MbzError):
+    """A ``--bits`` or ``--act-bits`` selector that names no group and matches nothing in the
+    model; ``option`` is the flag it came from."""
+
+    def __init__(self, message: str, option: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
 def parse_bits(text: str) -> dict[str, int]:
     """Parse ``conv=4,fc=2,features.18.*=8`` into an ordered {selector: bits} dict.
 
-    Raises ValueError with a message that says what is accepted.
+    Raises ValueError with a message that says what is accepted (a selector given twice is an
+    error).
     """
     rules: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -82,10 +97,29 @@ def parse_bits(text: str) -> dict[str, int]:
             raise ValueError(f"'{value}' in '{item}' is not a number of bits") from None
         if bits not in VALID_BITS:
             raise ValueError(f"{bits} bits in '{item}': use 1 to 8, or 16/32 to keep floats")
+        if key in rules:
+            raise ValueError(f"'{key}' is given twice ({key}={rules[key]}, {item}): give it once")
         rules[key] = bits
     if not rules:
         raise ValueError("no bits given: use for example conv=4,fc=2")
     return rules
+
+
+def weight_bits(value: str | Mapping[str, int]) -> dict[str, int]:
+    """``--bits`` rules (text or a dict) overlaid on DEFAULT_BITS: a group the rules do not
+    name keeps its default, so ``fc=2`` gives conv layers 4 bits and linear layers 2."""
+    rules = parse_bits(value) if isinstance(value, str) else dict(value)
+    return {**DEFAULT_BITS, **rules}
+
+
+def activation_bits(value: str | int | Mapping[str, int] | None) -> dict[str, int]:
+    """``--act-bits`` rules from text, a number (relu, add and proj points) or a dict; None or
+    an empty dict keeps every activation float32. Points no rule selects stay float32."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    return parse_act_bits(str(value))
 
 
 def parse_act_bits(text: str) -> dict[str, int]:
@@ -98,7 +132,10 @@ def parse_act_bits(text: str) -> dict[str, int]:
     if not items:
         raise ValueError("no activation bits given: use for example 8, or relu=4,add=8")
     rules: dict[str, int] = {}
-    for item in (i for i in items if "=" not in i):
+    bare = [item for item in items if "=" not in item]
+    if len(bare) > 1:
+        raise ValueError(f"several bare numbers ({', '.join(bare)}): give one, then GROUP=BITS")
+    for item in bare:
         try:
             rules.update(dict.fromkeys(ACT_ALL, int(item)))
         except ValueError:
@@ -110,6 +147,28 @@ def parse_act_bits(text: str) -> dict[str, int]:
     if wrong:
         raise ValueError(f"activation bits {wrong}: use 1 to 8, or 32 to keep float activations")
     return rules
+
+
+def check_selectors(
+    rules: Mapping[str, int], groups: Iterable[str], names: list[str], option: str
+) -> None:
+    """SelectorError unless every selector of ``rules`` is one of ``groups`` or a name glob
+    matching at least one of ``names`` (the model's layers or activation points)."""
+    groups = tuple(groups)
+    wrong = [
+        key
+        for key in rules
+        if key not in groups and not any(fnmatch.fnmatchcase(name, key) for name in names)
+    ]
+    if not wrong:
+        return
+    listed = ", ".join(names[:_LISTED_NAMES])
+    more = f", and {len(names) - _LISTED_NAMES} more" if len(names) > _LISTED_NAMES else ""
+    raise SelectorError(
+        f"{', '.join(repr(key) for key in wrong)} is neither a group nor a name in the model: "
+        f"use a group ({', '.join(groups)}) or a name glob matching one of {listed}{more}",
+        option,
+    )
 
 
 def bits_for(
@@ -142,7 +201,7 @@ def act_bits_for(rules: dict[str, int], point: ActPoint) -> int:
 class PackConfig:
     """Everything that decides the bytes of a .mbz file; stored in its metadata."""
 
-    bits: dict[str, int] = field(default_factory=lambda: {"conv": 4, "fc": 4})
+    bits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_BITS))
     method: str = "kmeans"
     prune: float = 0.0
     prune_mode: str = "channel"
@@ -235,3 +294,22 @@ class PackConfig:
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
+
+
+def config_from_options(**options: object) -> PackConfig:
+    """A PackConfig from options named like its fields (and ``mbz pack``'s flags): ``bits`` as
+    text or a dict overlaid on DEFAULT_BITS, ``act_bits`` as text, a number or a dict, ``mean``
+    and ``std`` as sequences. Raises ValueError naming an unknown option or an invalid value."""
+    known = [f.name for f in fields(PackConfig) if f.name != "version"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown pack option {', '.join(unknown)}: use {', '.join(known)}")
+    values = dict(options)
+    if "bits" in values:
+        values["bits"] = weight_bits(values["bits"])
+    if "act_bits" in values:
+        values["act_bits"] = activation_bits(values["act_bits"])
+    for key in ("mean", "std"):
+        if key in values:
+            values[key] = tuple(float(v) for v in values[key])
+    return PackConfig(**values)

@@ -11,6 +11,7 @@ import pickle
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -34,6 +35,7 @@ CIFAR10_CLASSES = (
     "truck",
 )
 
+IMAGE_SHAPE = (3, 32, 32)  # [C, H, W] of CIFAR-10 images, what mbz's networks are made for
 SPLITS = ("train", "test")
 BATCHES_FOLDER = "cifar-10-batches-py"
 _BATCH_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
@@ -60,6 +62,22 @@ class Dataset:
         if n < 0:
             raise ValueError(f"head() needs n >= 0, got {n}")
         return replace(self, images=self.images[:n], labels=self.labels[:n])
+
+
+def check_image_shape(dataset: Dataset, input_shape: Sequence[int], model: str) -> None:
+    """MbzError, in one line, unless ``dataset``'s images have the height, width and channels
+    of ``input_shape`` ([C, H, W], what ``model`` takes); mbz never resizes images."""
+    shaped = isinstance(input_shape, list | tuple) and len(input_shape) == 3
+    if not shaped or not all(type(n) is int for n in input_shape):
+        raise MbzError(f"{model}: its input shape {input_shape!r} is not [channels, height, width]")
+    channels, height, width = input_shape
+    got_height, got_width, got_channels = dataset.images.shape[1:]
+    if (got_height, got_width, got_channels) != (height, width, channels):
+        raise MbzError(
+            f"{dataset.source} has {got_height}x{got_width} images with {got_channels} channels, "
+            f"but {model} takes {height}x{width} images with {channels}: resize the images "
+            "(mbz does not)"
+        )
 
 
 def load_split(source: str, split: str, data_root: str | None = None) -> Dataset:

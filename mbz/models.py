@@ -1,9 +1,12 @@
-"""mbz's MobileNet-v2 for CIFAR-10, its architecture record, and recognising it from weights.
+"""The MobileNet-v2 networks mbz rebuilds from a state_dict, their record, and reading the
+width and class count from the weights.
 
-The network is torchvision's ``mobilenet_v2`` module by module (so torchvision state_dicts load
-as they are), with stride 1 instead of 2 in the first convolution (``features.0.0``) and in the
-first 24-channel block (``features.2``), because CIFAR-10 images are 32x32 instead of 224x224:
-the last feature map is 4x4.
+``mobilenet_v2_cifar`` (mbz's, what ``mbz train`` trains) is torchvision's ``mobilenet_v2``
+module by module, with stride 1 instead of 2 in the first convolution (``features.0.0``) and in
+the first 24-channel block (``features.2``), because CIFAR-10 images are 32x32 instead of
+224x224: the last feature map is 4x4. ``mobilenet_v2`` is torchvision's network as is. Both
+have the same keys and shapes, so a state_dict cannot tell them apart: the architecture must be
+recorded (as mbz's checkpoints do) or named by the user.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from torchvision.models.mobilenetv2 import MobileNetV2, _make_divisible
 from mbz.errors import MbzError
 from mbz.records import check_record
 
-ARCH_NAME = "mobilenet_v2_cifar"
+ARCH_NAME = "mobilenet_v2_cifar"  # mbz's CIFAR-10 MobileNet-v2, as recorded in files
+TORCHVISION_ARCH = "mobilenet_v2"  # torchvision.models.mobilenet_v2, ImageNet strides
+ARCHS = {"cifar": ARCH_NAME, "torchvision": TORCHVISION_ARCH}  # --arch choice -> record name
+_ABOUT = {
+    ARCH_NAME: "mbz's CIFAR-10 MobileNet-v2, stride 1 in the stem and the first 24-channel "
+    "block, what mbz train trains",
+    TORCHVISION_ARCH: "torchvision.models.mobilenet_v2 as is, ImageNet strides",
+}
 
 # torchvision's inverted residual setting (t, c, n, s) with the 24-channel group at stride 1.
 CIFAR_SETTING = [
@@ -52,7 +62,7 @@ def cifar_mobilenet_v2(
 
 @dataclass(frozen=True)
 class ArchConfig:
-    """What it takes to rebuild mbz's MobileNet-v2; stored in mbz checkpoints."""
+    """What it takes to rebuild one of the ARCHS; stored in mbz checkpoints and .mbz files."""
 
     name: str = ARCH_NAME
     num_classes: int = 10
@@ -67,13 +77,33 @@ class ArchConfig:
     def from_dict(cls, data: dict) -> ArchConfig:
         """Inverse of ``to_dict``; rejects unknown architectures and keys."""
         config = cls(**check_record(cls, data, "architecture record"))
-        if config.name != ARCH_NAME:
-            raise MbzError(f"unknown architecture {config.name!r}: mbz builds only {ARCH_NAME!r}")
+        check_arch_name(config.name)
         return config
 
     def build(self) -> MobileNetV2:
         """A freshly initialised model of this architecture."""
+        if self.name == TORCHVISION_ARCH:
+            return MobileNetV2(self.num_classes, self.width_mult, dropout=self.dropout)
         return cifar_mobilenet_v2(self.num_classes, self.width_mult, self.dropout)
+
+
+def arch_choices() -> str:
+    """The ``--arch`` choices and what each one is, for messages and ``--help``."""
+    return " or ".join(f"{choice} ({_ABOUT[name]})" for choice, name in ARCHS.items())
+
+
+def arch_named(choice: str) -> str:
+    """The recorded name of an ``--arch`` choice (a key of ARCHS); MbzError listing them."""
+    if choice not in ARCHS:
+        raise MbzError(f"unknown --arch {choice!r}: choose {arch_choices()}")
+    return ARCHS[choice]
+
+
+def check_arch_name(name: str) -> str:
+    """``name`` when it is a recorded architecture name (a value of ARCHS), else MbzError."""
+    if name not in _ABOUT:
+        raise MbzError(f"unknown architecture {name!r}: mbz builds {', '.join(_ABOUT)}")
+    return name
 
 
 def _channel_plan(width_mult: float) -> tuple[int, ...]:
@@ -134,8 +164,9 @@ def describe_mismatches(problems: list[str]) -> str:
     return listed + (f"; and {more} more" if more > 0 else "")
 
 
-def infer_arch(state_dict: dict[str, torch.Tensor]) -> ArchConfig:
-    """Recognise mbz's MobileNet-v2 from tensor shapes alone.
+def infer_arch(state_dict: dict[str, torch.Tensor], name: str = ARCH_NAME) -> ArchConfig:
+    """The architecture ``name`` (a value of ARCHS) with the width and class count of the
+    weights.
 
     The output channels of the stem, of each block group and of the last conv give the width
     multiplier, ``classifier.1.weight`` the class count; every key and shape must then match,
@@ -149,13 +180,13 @@ def infer_arch(state_dict: dict[str, torch.Tensor]) -> ArchConfig:
             "save the whole module (torch.save(model)) and pass --trust-pickle"
         )
     width = _width_for(_observed_plan(state_dict)) or stem.shape[0] / _FIRST_CHANNELS
-    config = ArchConfig(num_classes=int(head.shape[0]), width_mult=width)
+    config = ArchConfig(check_arch_name(name), int(head.shape[0]), width)
     with torch.device("meta"):
         problems = state_dict_mismatches(config.build(), state_dict)
     if not problems:
         return config
     raise MbzError(
-        f"the state_dict does not match mbz's MobileNet-v2 (torchvision layout, width {width:g}, "
+        f"the state_dict does not match a MobileNet-v2 (torchvision layout, width {width:g}, "
         f"{config.num_classes} classes): {describe_mismatches(problems)}. For another "
         "architecture save the whole module (torch.save(model)) and pass --trust-pickle"
     )

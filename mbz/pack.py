@@ -39,6 +39,7 @@ class PackResult:
     seconds: float
     activation_peak_bytes: dict[str, int] | None = None  # per image: float32 vs quantized
     finetune: list[dict] | None = None  # per fine-tuning epoch: stage, loss, accuracies
+    float_accuracy: dict | None = None  # the model before compression, on the same images
 
     @property
     def ratio(self) -> float:
@@ -56,6 +57,7 @@ class PackResult:
             "seconds": self.seconds,
             "activation_peak_bytes": self.activation_peak_bytes,
             "finetune": self.finetune,
+            "float_accuracy": self.float_accuracy,
         }
 
 
@@ -130,9 +132,12 @@ def build_metadata(
     loaded: LoadedModel, config: PackConfig, graph: dict, layers: dict, accuracy: dict | None
 ) -> dict:
     """The metadata object of the .mbz file (SPEC.md section 2)."""
+    source = {"sha256": loaded.source_sha256, "fp32_bytes": loaded.fp32_bytes}
+    if loaded.arch is not None:
+        source["arch"] = loaded.arch.to_dict()
     return {
         "mbz": {"tool_version": __version__},
-        "source": {"sha256": loaded.source_sha256, "fp32_bytes": loaded.fp32_bytes},
+        "source": source,
         "pack_config": config.to_dict(),
         "preprocess": {
             "layout": "NHWC",

@@ -122,6 +122,16 @@ def narrow_mobilenet(seed: int = 0, width_mult: float = 0.25) -> nn.Module:
     return model.eval()
 
 
+def save_mbz_checkpoint(path: Path, model: nn.Module) -> Path:
+    """``model`` (mbz's CIFAR MobileNet-v2, such as ``narrow_mobilenet()``) saved as mbz train
+    saves it, with its architecture recorded, so that ``mbz pack`` needs no ``--arch``."""
+    from mbz.checkpoint import save_checkpoint
+    from mbz.models import infer_arch
+
+    save_checkpoint(path, model, infer_arch(model.state_dict()))
+    return path
+
+
 def recalibrate_batchnorm(model: nn.Module, images_uint8_nhwc) -> nn.Module:
     """Set every BatchNorm's running statistics to those of ``images`` (one forward pass in
     train mode, no weight update), so an untrained model's activations keep a useful scale."""

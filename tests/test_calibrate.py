@@ -21,7 +21,7 @@ from mbz.format import read_mbz
 from mbz.pack import pack
 from mbz.runtime import Program, load_program, ops
 from mbz.runtime.ops import BufferPool, decode, encode
-from tests.helpers import fragment_path, invoke, narrow_mobilenet
+from tests.helpers import fragment_path, invoke, narrow_mobilenet, save_mbz_checkpoint
 
 PREPROCESS = {"layout": "NHWC", "dtype": "uint8", "mean": [*CIFAR10_MEAN], "std": [*CIFAR10_STD]}
 PARITY_AGREEMENT = 0.995  # per-image top-1 agreement of numpy and torch with quantized activations
@@ -284,7 +284,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_path(workdir):
     path = workdir / "model.pt"
-    torch.save(narrow_mobilenet(1).state_dict(), path)
+    save_mbz_checkpoint(path, narrow_mobilenet(1))
     return path
 
 
@@ -383,7 +383,7 @@ def test_w8a8_parity_on_the_fragment(workdir):
     if fragment is None:
         pytest.skip("shared/data/cifar10-fragment.npz is not present")
     model, path = workdir / "fresh.pt", workdir / "w8a8.mbz"
-    torch.save(narrow_mobilenet(2).state_dict(), model)
+    save_mbz_checkpoint(model, narrow_mobilenet(2))
     config = PackConfig(bits={"conv": 8, "fc": 8}, act_bits=parse_act_bits("8"))
     calibration = load_split(str(fragment), "train").head(64)
     pack(load_model(model), config, path, calibration=calibration)  # calibrated with mse

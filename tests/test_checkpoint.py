@@ -1,25 +1,29 @@
 """Loading the model to compress: state_dicts, checkpoint dicts, pickled modules, TorchScript."""
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torchvision.models import mobilenet_v2
 
-from mbz.checkpoint import LoadedModel, load_model, save_checkpoint
+from mbz.checkpoint import LoadedModel, load_model, load_run, save_checkpoint
 from mbz.errors import MbzError
-from mbz.models import ArchConfig, cifar_mobilenet_v2
+from mbz.models import ARCH_NAME, TORCHVISION_ARCH, ArchConfig, cifar_mobilenet_v2
 
 
-def trained(width_mult: float = 0.25, seed: int = 0) -> nn.Module:
+def trained(width_mult: float = 0.25, seed: int = 0, build=cifar_mobilenet_v2) -> nn.Module:
     """A small model with non-default batch-norm statistics, in eval mode."""
     torch.manual_seed(seed)
-    model = cifar_mobilenet_v2(width_mult=width_mult)
+    model = build(num_classes=10, width_mult=width_mult)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(module.weight, 0.5, 1.5)
     return model.eval()
 
 
@@ -44,37 +48,69 @@ def saved(path: Path, obj: object) -> Path:
     return path
 
 
-def test_bare_state_dict(tmp_path, model, batch):
-    loaded = load_model(saved(tmp_path / "m.pt", model.state_dict()))
+def test_bare_state_dict_with_its_arch(tmp_path, model, batch):
+    loaded = load_model(saved(tmp_path / "m.pt", model.state_dict()), arch="cifar")
     assert_same_outputs(loaded, model, batch)
     assert loaded.arch == ArchConfig(width_mult=0.25)
     assert loaded.extra == {}
 
 
+def test_bare_state_dict_without_arch_is_refused_naming_the_choices(tmp_path, model):
+    path = saved(tmp_path / "m.pt", {"model_state_dict": model.state_dict(), "epoch": 1})
+    with pytest.raises(MbzError, match=r"width 0\.25, 10 classes.*does not record") as error:
+        load_model(path)
+    assert "--arch" in str(error.value)
+    assert "--arch cifar (mbz's CIFAR-10" in str(error.value)
+    assert "or torchvision (torchvision.models.mobilenet_v2 as is" in str(error.value)
+
+
+def test_torchvision_state_dict_with_its_arch_is_torchvisions_network(tmp_path, batch):
+    original = trained(width_mult=0.5, seed=5, build=mobilenet_v2)
+    loaded = load_model(saved(tmp_path / "tv.pt", original.state_dict()), arch="torchvision")
+    assert loaded.arch == ArchConfig(TORCHVISION_ARCH, 10, 0.5)
+    assert_same_outputs(loaded, original, batch)
+    as_cifar = load_model(tmp_path / "tv.pt", arch="cifar").module
+    with torch.no_grad():  # the same weights with the other strides compute something else
+        assert not torch.allclose(as_cifar(batch), original(batch), rtol=0.1, atol=0)
+
+
+def test_arch_must_agree_with_a_recorded_one_and_needs_a_state_dict(tmp_path, model):
+    save_checkpoint(tmp_path / "mbz.pt", model, ArchConfig(width_mult=0.25))
+    assert load_model(tmp_path / "mbz.pt", arch="cifar").arch.name == ARCH_NAME
+    with pytest.raises(MbzError, match=r"records the architecture 'mobilenet_v2_cifar'"):
+        load_model(tmp_path / "mbz.pt", arch="torchvision")
+    with pytest.raises(MbzError, match=r"unknown --arch 'resnet': choose cifar"):
+        load_model(tmp_path / "mbz.pt", arch="resnet")
+    whole = saved(tmp_path / "whole.pt", model)
+    with pytest.raises(MbzError, match=r"holds a whole module.*drop --arch"):
+        load_model(whole, trust_pickle=True, arch="cifar")
+
+
 @pytest.mark.parametrize("key", ["state_dict", "model", "net", "model_state_dict"])
 def test_checkpoint_dict_keys(tmp_path, model, batch, key):
     checkpoint = {key: model.state_dict(), "epoch": 7, "acc": 91.5, "optimizer": {"lr": 0.1}}
-    loaded = load_model(str(saved(tmp_path / "m.pth", checkpoint)))
+    loaded = load_model(str(saved(tmp_path / "m.pth", checkpoint)), arch="cifar")
     assert_same_outputs(loaded, model, batch)
     assert loaded.extra == {"epoch": 7, "acc": 91.5, "optimizer": {"lr": 0.1}}
 
 
 def test_checkpoint_dict_keeps_only_plain_extra_fields(tmp_path, model, batch):
     checkpoint = {"model": "mobilenet_v2", "net": model.state_dict(), "moments": torch.ones(3)}
-    loaded = load_model(saved(tmp_path / "m.pth", checkpoint))
+    loaded = load_model(saved(tmp_path / "m.pth", checkpoint), arch="cifar")
     assert_same_outputs(loaded, model, batch)
     assert loaded.extra == {"model": "mobilenet_v2"}
 
 
 def test_ddp_prefix_is_stripped(tmp_path, model, batch):
     state_dict = {f"module.{k}": v for k, v in model.state_dict().items()}
-    loaded = load_model(saved(tmp_path / "ddp.pt", {"state_dict": state_dict}))
+    loaded = load_model(saved(tmp_path / "ddp.pt", {"state_dict": state_dict}), arch="cifar")
     assert_same_outputs(loaded, model, batch)
 
 
 def test_missing_batch_counters_are_tolerated(tmp_path, model, batch):
     state_dict = {k: v for k, v in model.state_dict().items() if "num_batches" not in k}
-    assert_same_outputs(load_model(saved(tmp_path / "m.pt", state_dict)), model, batch)
+    loaded = load_model(saved(tmp_path / "m.pt", state_dict), arch="cifar")
+    assert_same_outputs(loaded, model, batch)
 
 
 def test_mbz_checkpoint_records_arch(tmp_path, batch):
@@ -100,7 +136,7 @@ def test_recorded_arch_must_fit_the_weights(tmp_path, model):
 
 def test_torchvision_layout_width_is_inferred(tmp_path, batch):
     model = trained(width_mult=0.5, seed=3)
-    loaded = load_model(saved(tmp_path / "tv.pt", model.state_dict()))
+    loaded = load_model(saved(tmp_path / "tv.pt", model.state_dict()), arch="cifar")
     assert loaded.arch == ArchConfig(width_mult=0.5)
     assert_same_outputs(loaded, model, batch)
 
@@ -129,6 +165,35 @@ def test_torchscript(tmp_path, model, batch):
     loaded = load_model(tmp_path / "scripted.pt")
     assert isinstance(loaded.module, torch.jit.ScriptModule) and loaded.arch is None
     assert_same_outputs(loaded, model, batch)
+
+
+def test_pickled_module_of_a_missing_module_says_how_to_fix(tmp_path):
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import netdef\n"
+        f"torch.save(netdef.Net(), {str(tmp_path / 'net.pt')!r})\n"
+    )
+    (tmp_path / "netdef.py").write_text(
+        "import torch\nclass Net(torch.nn.Module):\n"
+        "    def forward(self, x):\n        return x\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(MbzError, match=r"module 'netdef'.*PYTHONPATH.*state_dict") as error:
+        load_model(tmp_path / "net.pt", trust_pickle=True)
+    assert "pass a file written by torch.save" not in str(error.value)
+
+
+def test_load_run_reads_a_train_checkpoint_once_and_refuses_others(tmp_path, model, batch):
+    run = {"recipe": {"epochs": 3}, "epoch": 2, "history": [{"loss": 1.0}], "optimizer": {}}
+    save_checkpoint(tmp_path / "run.pt", model, ArchConfig(width_mult=0.25), **run)
+    saved_run = load_run(tmp_path / "run.pt")
+    assert (saved_run.recipe, saved_run.epoch) == ({"epochs": 3}, 2)
+    assert saved_run.history == [{"loss": 1.0}]
+    assert_same_outputs(saved_run.loaded, model, batch)
+    save_checkpoint(tmp_path / "weights.pt", model, ArchConfig(width_mult=0.25))
+    with pytest.raises(MbzError, match="not written by mbz train"):
+        load_run(tmp_path / "weights.pt")
 
 
 def test_garbage_and_missing_files(tmp_path):
@@ -173,7 +238,7 @@ def test_checkpoint_without_weights(tmp_path):
 
 def test_sizes_and_hash(tmp_path, model):
     path = saved(tmp_path / "m.pt", model.state_dict())
-    loaded = load_model(path)
+    loaded = load_model(path, arch="cifar")
     floats = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
     assert loaded.fp32_bytes == 4 * sum(t.numel() for t in floats)
     assert loaded.source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()

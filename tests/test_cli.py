@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from mbz.cli import main
 from mbz.format import read_mbz
 from mbz.models import cifar_mobilenet_v2
-from tests.helpers import invoke, narrow_mobilenet
+from tests.helpers import invoke, narrow_mobilenet, save_mbz_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_path(workdir):
-    path = workdir / "model.pt"
-    torch.save(narrow_mobilenet().state_dict(), path)
-    return path
+    return save_mbz_checkpoint(workdir / "model.pt", narrow_mobilenet())
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +46,10 @@ def test_pack_eval_inspect(model_path, data_path, workdir):
     assert summary["file_bytes"] == out.stat().st_size
     assert summary["ratio"] == pytest.approx(summary["fp32_bytes"] / out.stat().st_size)
     assert 0.0 <= summary["accuracy"]["top1"] <= 1.0
+    assert summary["float_accuracy"]["images"] == 48
+    assert read_mbz(out).metadata["source"]["arch"] == {
+        "name": "mobilenet_v2_cifar", "num_classes": 10, "width_mult": 0.25, "dropout": 0.2
+    }
 
     evaluated = invoke("eval", out, "--data", data_path, "--runtime", "all", "--json")
     assert evaluated.exit_code == 0, evaluated.output

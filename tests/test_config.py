@@ -4,7 +4,20 @@ import json
 
 import pytest
 
-from mbz.config import LayerInfo, PackConfig, bits_for, parse_bits
+from mbz.config import (
+    DEFAULT_BITS,
+    GROUPS,
+    LayerInfo,
+    PackConfig,
+    SelectorError,
+    activation_bits,
+    bits_for,
+    check_selectors,
+    config_from_options,
+    parse_act_bits,
+    parse_bits,
+    weight_bits,
+)
 
 
 def test_parse_bits_keeps_order_and_globs():
@@ -43,3 +56,40 @@ def test_config_rejects_unknown_keys_and_bad_values():
         PackConfig(method="magic")
     with pytest.raises(ValueError, match="2 bits"):
         PackConfig(method="uniform", symmetric=True, bits={"conv": 1})
+
+
+def test_a_selector_given_twice_is_an_error():
+    with pytest.raises(ValueError, match=r"'fc' is given twice \(fc=2, fc=8\)"):
+        parse_bits("fc=2,fc=8")
+    with pytest.raises(ValueError, match="given twice"):
+        parse_act_bits("relu=4,relu=8")
+    with pytest.raises(ValueError, match="several bare numbers"):
+        parse_act_bits("8,4")
+    assert parse_act_bits("8,relu=4") == {"relu": 4, "add": 8, "proj": 8}  # rules overlay
+
+
+def test_bits_rules_overlay_the_documented_defaults():
+    assert DEFAULT_BITS == {"conv": 4, "fc": 4}
+    assert weight_bits("fc=2") == {"conv": 4, "fc": 2}
+    assert weight_bits({"dw": 8}) == {"conv": 4, "fc": 4, "dw": 8}
+    assert PackConfig().bits == DEFAULT_BITS
+    assert activation_bits(None) == {} and activation_bits(8) == parse_act_bits("8")
+
+
+def test_selectors_must_name_a_group_or_match_a_layer():
+    layers = ["features.0.0", "features.1.conv.0.0", "classifier.1"]
+    check_selectors({"conv": 4, "features.1.*": 2, "classifier.1": 8}, GROUPS, layers, "--bits")
+    with pytest.raises(SelectorError, match=r"'cov', 'feat\.\*' is neither") as error:
+        check_selectors({"cov": 2, "feat.*": 2, "fc": 2}, GROUPS, layers, "--bits")
+    assert error.value.option == "--bits"
+    assert "conv, fc, dw, pw, first" in str(error.value) and "classifier.1" in str(error.value)
+
+
+def test_config_from_options_takes_flag_named_options():
+    config = config_from_options(bits="fc=2", act_bits="8", mean=[0.5, 0.5, 0.5], prune=0.25)
+    assert config.bits == {"conv": 4, "fc": 2} and config.act_bits["relu"] == 8
+    assert config.mean == (0.5, 0.5, 0.5) and config.prune == 0.25
+    with pytest.raises(ValueError, match=r"unknown pack option bitz: use bits, method"):
+        config_from_options(bitz="conv=4")
+    with pytest.raises(ValueError, match="prune fraction"):
+        config_from_options(prune=1.5)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torchvision.datasets
 
-from mbz.data import CIFAR10_CLASSES, Dataset, load_split
+from mbz.data import CIFAR10_CLASSES, IMAGE_SHAPE, Dataset, check_image_shape, load_split
 from mbz.errors import MbzError
 
 FRAGMENT = Path(__file__).resolve().parents[2] / "shared/data/cifar10-fragment.npz"
@@ -269,3 +269,15 @@ def test_batch_file_that_would_run_code_is_refused(tmp_path, capsys):
     with pytest.raises(MbzError, match=r"refused to load \w+\.print: not CIFAR-10 data"):
         load_split(str(folder), "test")
     assert "unpickling ran code" not in capsys.readouterr().out
+
+
+def test_images_are_checked_against_the_models_input_shape():
+    images = np.zeros((2, 64, 64, 3), np.uint8)
+    big = Dataset(images, np.zeros(2, np.int64), CIFAR10_CLASSES, "size64.npz:test")
+    with pytest.raises(MbzError, match=r"^size64.npz:test has 64x64 images with 3 channels, "
+                       r"but m.mbz takes 32x32 images with 3: resize") as error:
+        check_image_shape(big, [3, 32, 32], "m.mbz")
+    assert "\n" not in str(error.value)
+    check_image_shape(big, (IMAGE_SHAPE[0], 64, 64), "m.mbz")
+    with pytest.raises(MbzError, match="is not"):
+        check_image_shape(big, None, "m.mbz")

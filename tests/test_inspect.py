@@ -3,12 +3,11 @@
 import json
 from pathlib import Path
 
-import torch
 from click.testing import CliRunner
 
 from mbz.cli import main
 from mbz.inspect import CATEGORIES, describe
-from tests.helpers import narrow_mobilenet
+from tests.helpers import narrow_mobilenet, save_mbz_checkpoint
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -50,7 +49,7 @@ def test_corrupt_file_gives_a_clean_error(tmp_path):
 
 def test_layer_rows_show_pruning_bits_and_every_byte(tmp_path):
     model_path, out = tmp_path / "model.pt", tmp_path / "m.mbz"
-    torch.save(narrow_mobilenet().state_dict(), model_path)
+    save_mbz_checkpoint(model_path, narrow_mobilenet())
     args = ["pack", str(model_path), "--prune", "0.36", "--bits", "conv=4,fc=2", "-o", str(out)]
     assert CliRunner().invoke(main, args).exit_code == 0
     facts = describe(out)

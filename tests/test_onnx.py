@@ -39,7 +39,12 @@ from mbz.runtime.onnx_export import (
     onnx_session,
     tensor_value,
 )
-from tests.helpers import assert_runs_without_torch, invoke, narrow_mobilenet
+from tests.helpers import (
+    assert_runs_without_torch,
+    invoke,
+    narrow_mobilenet,
+    save_mbz_checkpoint,
+)
 from tests.test_runtime import conv_node, graph_of, node, preprocess_for, sqnr_db, tie_values
 
 FLOAT_SQNR_DB = 80.0  # same weights, only the float summation order differs
@@ -403,7 +408,7 @@ def test_cli_eval_onnx_with_quantized_activations(tmp_path) -> None:
 
 def test_pack_then_eval_all_runtimes(tmp_path) -> None:
     model_path, data = tmp_path / "model.pt", tmp_path / "data.npz"
-    torch.save(narrow_mobilenet().state_dict(), model_path)
+    save_mbz_checkpoint(model_path, narrow_mobilenet())
     rng = np.random.default_rng(0)
     np.savez(
         data,

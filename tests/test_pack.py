@@ -16,6 +16,7 @@ from tests.helpers import (
     invoke,
     narrow_mobilenet,
     recalibrate_batchnorm,
+    save_mbz_checkpoint,
     sqnr_db,
 )
 
@@ -39,13 +40,14 @@ CIFAR = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 @pytest.mark.parametrize("form", ["state_dict", "checkpoint", "torchscript", "course_pickle"])
 def test_float_pack_reproduces_every_model_form(tmp_path, images, form):
     model = CourseMobileNetV2(width=8) if form == "course_pickle" else narrow_mobilenet()
-    path, extra = tmp_path / "model.pt", []
+    path, extra = tmp_path / "model.pt", ["--arch", "cifar"]
     if form == "state_dict":
         torch.save(model.state_dict(), path)
     elif form == "checkpoint":
         torch.save({"epoch": 3, "model_state_dict": model.state_dict()}, path)
     elif form == "torchscript":
         torch.jit.save(torch.jit.script(model.eval()), path)
+        extra = []
     else:
         torch.save(model, path)
         extra = ["--trust-pickle"]
@@ -57,7 +59,7 @@ def test_float_pack_reproduces_every_model_form(tmp_path, images, form):
 
 def test_bits_groups_and_globs_reach_the_layers(tmp_path):
     path, out = tmp_path / "model.pt", tmp_path / "m.mbz"
-    torch.save(narrow_mobilenet().state_dict(), path)
+    save_mbz_checkpoint(path, narrow_mobilenet())
     invoke("pack", path, "--bits", "conv=4,fc=2,dw=8,pw=3,first=32,features.18.*=6", "-o", out)
     layers = {row["layer"]: row for row in describe(out)["layers"]}
     assert layers["features.0.0"]["encoding"] == "f32"
@@ -69,8 +71,7 @@ def test_bits_groups_and_globs_reach_the_layers(tmp_path):
 
 
 def test_uniform_symmetric_per_tensor_and_huffman(tmp_path):
-    path = tmp_path / "model.pt"
-    torch.save(narrow_mobilenet().state_dict(), path)
+    path = save_mbz_checkpoint(tmp_path / "model.pt", narrow_mobilenet())
     fixed, coded = tmp_path / "fixed.mbz", tmp_path / "huffman.mbz"
     invoke("pack", path, "--method", "uniform", "--symmetric", "--per-tensor", "-o", fixed)
     invoke("pack", path, "--method", "uniform", "--symmetric", "--per-tensor", "--huffman",
@@ -90,7 +91,7 @@ def test_uniform_symmetric_per_tensor_and_huffman(tmp_path):
 def test_mean_and_std_are_stored_and_used(tmp_path, images):
     path, out = tmp_path / "model.pt", tmp_path / "m.mbz"
     model = narrow_mobilenet()
-    torch.save(model.state_dict(), path)
+    save_mbz_checkpoint(path, model)
     invoke("pack", path, "--bits", "conv=32,fc=32", "--mean", "0.5,0.5,0.5", "--std",
            "0.25,0.25,0.25", "-o", out)
     preprocess = read_mbz(out).metadata["preprocess"]
@@ -107,7 +108,7 @@ def test_eval_fails_when_the_stored_accuracy_disagrees(tmp_path):
     np.savez(data, x_test=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
              y_test=rng.integers(0, 10, 40))
     path, out = tmp_path / "model.pt", tmp_path / "m.mbz"
-    torch.save(narrow_mobilenet().state_dict(), path)
+    save_mbz_checkpoint(path, narrow_mobilenet())
     invoke("pack", path, "--data", data, "-o", out)
     report = json.loads(invoke("eval", out, "--data", data, "--runtime", "numpy", "--json").output)
     assert report["ok"] and [r["runtime"] for r in report["results"]] == ["numpy"]
@@ -127,7 +128,7 @@ def test_parity_on_the_cifar10_fragment(tmp_path):
         pytest.skip("needs ../shared/data/cifar10-fragment.npz (the shared CIFAR-10 fragment)")
     path, out = tmp_path / "model.pt", tmp_path / "m.mbz"
     model = recalibrate_batchnorm(narrow_mobilenet(), np.load(fragment)["x_train"][:512])
-    torch.save(model.state_dict(), path)
+    save_mbz_checkpoint(path, model)
     invoke("pack", path, "--prune", 0.36, "--bits", "conv=4,fc=2", "--data", fragment, "-o", out)
     report = json.loads(
         invoke("eval", out, "--data", fragment, "--runtime", "all", "--json").output

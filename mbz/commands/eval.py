@@ -9,6 +9,7 @@ import click
 
 from mbz.commands.dataset import open_test_split
 from mbz.commands.params import data_options, progress_bar
+from mbz.format import read_mbz
 from mbz.verify import RUNTIMES, verify
 
 
@@ -39,7 +40,8 @@ def eval_command(file, data_source, data_root, limit, runtime, tolerance, as_jso
     Exits with status 1 when runtimes disagree, or differ from the accuracy stored at pack
     time, by more than the tolerance.
     """
-    dataset = open_test_split(data_source, data_root, limit)
+    input_shape = read_mbz(file).metadata["graph"]["input_shape"]
+    dataset = open_test_split(data_source, data_root, limit, input_shape, str(file))
     runtimes = RUNTIMES if runtime == "all" else (runtime,)
     total = len(dataset.labels) * len(runtimes)
     with progress_bar(total, "evaluating", enabled=not as_json) as update:

@@ -1,4 +1,5 @@
-"""The fine-tuning options of ``mbz pack`` and the training data they need."""
+"""What ``mbz pack`` prints about fine-tuning: each stage's name and a progress bar per epoch
+on stderr while it runs (the library's ``on_stage``/``on_step`` callbacks), a summary after."""
 
 from __future__ import annotations
 
@@ -7,81 +8,6 @@ from collections.abc import Callable
 import click
 
 from mbz.commands.progress import EpochBars
-from mbz.config import PackConfig
-from mbz.finetune import Tuning, load_training
-
-
-def finetune_options(command: Callable) -> Callable:
-    """``--finetune-epochs``, ``--finetune-lr``, ``--l1``, ``--prune-steps``, ``--val-fraction``
-    and ``--seed``, passed to the command under the PackConfig field names."""
-    options = [
-        click.option(
-            "--finetune-epochs",
-            type=click.IntRange(min=0),
-            default=PackConfig.finetune_epochs,
-            show_default=True,
-            help="Fine-tune on --data's train split after each compression step: channel "
-            "pruning in --prune-steps rounds of this many epochs each (network slimming), weight "
-            "pruning gradually (cubic schedule), then the quantized model (k-means centroids, "
-            "uniform QAT with learned scales, quantized activations in place) for this many "
-            "epochs. 0 packs post-training only.",
-        ),
-        click.option(
-            "--finetune-lr",
-            type=click.FloatRange(min=0, min_open=True),
-            default=PackConfig.finetune_lr,
-            show_default=True,
-            help="Peak learning rate of each fine-tuning run (SGD, cosine decay to 0).",
-        ),
-        click.option(
-            "--l1",
-            type=click.FloatRange(min=0),
-            default=PackConfig.l1,
-            show_default=True,
-            help="L1 penalty on BatchNorm gammas while fine-tuning channel pruning (network "
-            "slimming used 1e-4).",
-        ),
-        click.option(
-            "--prune-steps",
-            type=click.IntRange(min=1),
-            default=PackConfig.prune_steps,
-            show_default=True,
-            help="Channel pruning with fine-tuning: rounds that each prune a further "
-            "--prune/N of the weights, then fine-tune.",
-        ),
-        click.option(
-            "--val-fraction",
-            type=click.FloatRange(0, 1, min_open=True, max_open=True),
-            default=PackConfig.val_fraction,
-            show_default=True,
-            help="Share of the train split held out to pick the best fine-tuning epoch (the "
-            "test split only reports).",
-        ),
-        click.option(
-            "--seed",
-            type=int,
-            default=PackConfig.seed,
-            show_default=True,
-            help="Seed of the held-out split, shuffling and augmentation of fine-tuning; the "
-            "same seed packs the same file twice on the CPU.",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def open_tuning(
-    config: PackConfig, data_source: str | None, data_root: str | None, progress: bool
-) -> Tuning | None:
-    """The fine-tuning data ``config`` needs (None without ``finetune_epochs``); a usage
-    error without ``--data``. With ``progress``, fine-tuning shows itself on stderr."""
-    if not config.finetune_epochs:
-        return None
-    if not data_source:
-        raise click.UsageError("--finetune-epochs needs --data with a train split to train on")
-    callbacks = finetune_progress() if progress else {}
-    return Tuning.of(load_training(data_source, data_root), config, **callbacks)
 
 
 def finetune_progress() -> dict[str, Callable]:

@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 
 import click
 
-from mbz.config import parse_bits
 
+class RulesType(click.ParamType):
+    """``conv=4,fc=2,features.18.*=8`` -> ordered {selector: bits}, by ``parse`` (which raises
+    ValueError with what is accepted)."""
 
-class BitsType(click.ParamType):
-    """``conv=4,fc=2,dw=8,features.18.*=8`` -> ordered {selector: bits}."""
+    name = "RULES"
 
-    name = "BITS"
+    def __init__(self, parse: Callable[[str], dict[str, int]]) -> None:
+        self.parse = parse
 
     def convert(self, value, param, ctx):
-        if isinstance(value, dict):
-            return value
+        if isinstance(value, Mapping):
+            return dict(value)
         try:
-            return parse_bits(value)
+            return self.parse(value)
         except ValueError as error:
             self.fail(str(error), param, ctx)
 
@@ -39,6 +42,57 @@ class TripleType(click.ParamType):
         if len(numbers) != 3:
             self.fail(f"'{value}' has {len(numbers)} values; give one per RGB channel", param, ctx)
         return numbers
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How one field of a dataclass becomes a command-line option (``--field-name``)."""
+
+    help: str
+    type: click.ParamType | type | None = None
+    off: str | None = None  # the negative form of a bool flag [default: --no-<name>]
+    aliases: tuple[str, ...] = ()  # other names of the option
+    metavar: str | None = None
+
+
+def field_options(cls: type, flags: dict[str, Flag], internal: tuple[str, ...] = ()) -> Callable:
+    """One option per field of the dataclass ``cls``, its default the field's (shown), passed
+    to the command under the field's name; ``internal`` fields get no option. A field in
+    neither ``flags`` nor ``internal`` is an error, so that a new field cannot be forgotten."""
+    forgotten = [f.name for f in fields(cls) if f.name not in flags and f.name not in internal]
+    if forgotten:
+        raise TypeError(f"{cls.__name__} fields without a flag: {', '.join(forgotten)}")
+    defaults = cls()
+
+    def decorate(command: Callable) -> Callable:
+        for item in reversed([f for f in fields(cls) if f.name in flags]):
+            flag, name = flags[item.name], "--" + item.name.replace("_", "-")
+            default = _shown(getattr(defaults, item.name))
+            declarations = [name, *flag.aliases]
+            if isinstance(default, bool):
+                declarations = [f"{name}/{flag.off or '--no-' + name[2:]}"]
+            command = click.option(
+                *declarations,
+                item.name,
+                type=flag.type,
+                default=default,
+                show_default=default is not None,
+                metavar=flag.metavar,
+                help=flag.help,
+            )(command)
+        return command
+
+    return decorate
+
+
+def _shown(value: object) -> object:
+    """A field's default as its option's default: rules as ``k=v,...`` (None when empty),
+    tuples as comma-separated text."""
+    if isinstance(value, dict):
+        return ",".join(f"{key}={bits}" for key, bits in value.items()) or None
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return value
 
 
 def data_options(required: bool) -> Callable:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -12,68 +12,53 @@ import click
 import torch
 from click.core import ParameterSource
 
-from mbz.checkpoint import load_model
-from mbz.commands.params import import_wandb
+from mbz.checkpoint import load_run
+from mbz.commands.params import Flag, field_options, import_wandb
 from mbz.commands.progress import EpochBars
-from mbz.data import Dataset, load_split
-from mbz.errors import MbzError
+from mbz.data import IMAGE_SHAPE, Dataset, check_image_shape, load_split
 from mbz.models import ArchConfig
 from mbz.train_dist import is_main_process
 from mbz.train_recipe import Recipe
 from mbz.train_run import RunRecorder, TrainStart, device_name, finish_run
 from mbz.training import fit
 
-# Type and help of each Recipe field's flag; the defaults come from Recipe itself.
-_RECIPE_FLAGS: dict[str, tuple[click.ParamType | None, str]] = {
-    "epochs": (click.IntRange(min=1), "Passes over the training images."),
-    "batch_size": (
-        click.IntRange(min=1),
+# Help and type of each Recipe field's flag; the defaults come from Recipe itself.
+_RECIPE_FLAGS: dict[str, Flag] = {
+    "epochs": Flag("Passes over the training images.", click.IntRange(min=1)),
+    "batch_size": Flag(
         "Images per optimizer step (all processes together under torchrun).",
+        click.IntRange(min=1),
     ),
-    "lr": (
-        click.FloatRange(min=0, min_open=True),
+    "lr": Flag(
         "Peak learning rate, reached at the end of the warm-up (for batch 128).",
+        click.FloatRange(min=0, min_open=True),
     ),
-    "momentum": (click.FloatRange(0, 1, max_open=True), "SGD momentum."),
-    "nesterov": (None, "Nesterov momentum."),
-    "weight_decay": (click.FloatRange(min=0), "L2 weight decay on every parameter."),
-    "warmup_epochs": (
-        click.FloatRange(min=0),
+    "momentum": Flag("SGD momentum.", click.FloatRange(0, 1, max_open=True)),
+    "nesterov": Flag("Nesterov momentum."),
+    "weight_decay": Flag("L2 weight decay on every parameter.", click.FloatRange(min=0)),
+    "warmup_epochs": Flag(
         "Epochs of linear warm-up from 0 to --lr; a cosine decay to 0 follows (per step).",
-    ),
-    "label_smoothing": (
-        click.FloatRange(0, 1, max_open=True),
-        "Label smoothing of the cross-entropy (the reference reports used 0.1).",
-    ),
-    "mixup": (
         click.FloatRange(min=0),
+    ),
+    "label_smoothing": Flag(
+        "Label smoothing of the cross-entropy (the reference reports used 0.1).",
+        click.FloatRange(0, 1, max_open=True),
+    ),
+    "mixup": Flag(
         "Mixup alpha: each batch is blended with a shuffled copy of itself by a "
         "Beta(alpha, alpha) weight; 0 turns it off (the reference reports used 0.2).",
+        click.FloatRange(min=0),
     ),
-    "augment": (None, "Random crop 32 with zero padding 4 and horizontal flip."),
-    "seed": (
-        int,
+    "augment": Flag("Random crop 32 with zero padding 4 and horizontal flip."),
+    "seed": Flag(
         "Seed of the initial weights, shuffling, augmentation, mixup and dropout; the same "
         "seed gives the same model twice on the CPU.",
+        int,
     ),
 }
 # What --resume takes from the checkpoint (all but --epochs, which may grow).
 _FROM_CHECKPOINT = ("width", "dropout", "num_classes", *(n for n in _RECIPE_FLAGS if n != "epochs"))
-
-
-def recipe_options(command):
-    """One flag per ``Recipe`` field (``--batch-size``, ``--nesterov/--no-nesterov``, ...)."""
-    defaults = Recipe()
-    for recipe_field in reversed(fields(Recipe)):
-        name = recipe_field.name
-        kind, text = _RECIPE_FLAGS[name]
-        flag = "--" + name.replace("_", "-")
-        default = getattr(defaults, name)
-        declaration = f"{flag}/--no-{flag[2:]}" if isinstance(default, bool) else flag
-        command = click.option(
-            declaration, name, type=kind, default=default, show_default=True, help=text
-        )(command)
-    return command
+recipe_options = field_options(Recipe, _RECIPE_FLAGS)
 
 
 def _parse_device(ctx, param, value: str) -> torch.device | None:
@@ -114,30 +99,27 @@ def _resumed_start(ctx: click.Context, checkpoint: Path, epochs: int) -> TrainSt
         )
     if not checkpoint.is_file():
         raise click.UsageError(f"--resume: there is no checkpoint {checkpoint} to continue")
-    loaded = load_model(checkpoint)
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if loaded.arch is None or not {"recipe", "epoch", "history", "optimizer"} <= set(saved):
-        raise MbzError(
-            f"{checkpoint} was not written by mbz train (it lacks the recipe, epoch, history "
-            "or optimizer state); start a new run without --resume"
-        )
-    recipe = Recipe.from_dict(saved["recipe"])
+    saved = load_run(checkpoint)
+    recipe = Recipe.from_dict(saved.recipe)
     if ctx.get_parameter_source("epochs") is not ParameterSource.DEFAULT:
         recipe = replace(recipe, epochs=epochs)
-    return TrainStart(
-        loaded.module, loaded.arch, recipe, saved["epoch"], saved["history"], saved["optimizer"]
-    )
+    model, arch = saved.loaded.module, saved.loaded.arch
+    return TrainStart(model, arch, recipe, saved.epoch, saved.history, saved.optimizer)
 
 
 def _datasets(
     source: str, root: str | None, limits: tuple[int | None, int | None]
 ) -> tuple[Dataset, Dataset]:
-    """The train and test splits, cut to their first N images when limits are given."""
+    """The train and test splits, cut to their first N images when limits are given, checked
+    to be CIFAR-10-sized images."""
     train, test = (load_split(source, split, data_root=root) for split in ("train", "test"))
-    return tuple(
+    splits = tuple(
         data if limit is None else data.head(limit)
         for data, limit in zip((train, test), limits, strict=True)
     )
+    for data in splits:
+        check_image_shape(data, IMAGE_SHAPE, "mbz's CIFAR-10 MobileNet-v2")
+    return splits
 
 
 def _check_classes(arch: ArchConfig, *datasets: Dataset) -> None:
