@@ -133,10 +133,11 @@ def parallel_chart(columns: dict[str, list], title: str) -> Figure:
     axes = figure.add_subplot()
     for line, acc in zip(lines, accuracy, strict=True):
         axes.plot(range(len(columns)), line, color=cmap(norm(acc)), lw=1.5)
+    axes.vlines(range(len(columns)), 0, 1, color="black", lw=1)
     for x, (_, ticks, labels) in enumerate(placed):
-        axes.axvline(x, color="black", lw=1)
         for at, label in zip(_unit(ticks, ticks), labels, strict=True):
-            axes.text(x + 0.03, at, label, fontsize=8, va="center", color="dimgray")
+            axes.text(x + 0.03, at, label, fontsize=8, va="center", color="dimgray",
+                      bbox={"fc": "white", "ec": "none", "pad": 0.5})  # fmt: skip
     axes.set_xticks(range(len(columns)), list(columns))
     axes.set_yticks([])
     axes.set_xlim(-0.1, len(columns) - 0.6)
