@@ -15,6 +15,7 @@ import pytest
 from mbz.charts import parallel_columns
 from mbz.tracking import TABLE, log_sweep_table, sweep_run_logger
 from tests.helpers import invoke
+from tests.test_charts import record as sweep_record
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402  (needs wandb)
@@ -78,18 +79,11 @@ def offline_runs(folder: Path) -> dict[str, dict]:
 
 
 def sweep_records() -> list[dict]:
-    """Three sweep records as ``mbz sweep`` writes them (a baseline and two runs)."""
-
-    def record(key, kind, config, size, accuracy):
-        return {"key": key, "kind": kind, "config": config, "file_bytes": size,
-                "ratio": 1e6 / size, "accuracy": accuracy,
-                "accuracy_by_runtime": {"numpy": accuracy}, "act_peak_bytes": 4096,
-                "pack_seconds": 1.5}  # fmt: skip
-
+    """Three sweep records: a baseline and two runs."""
     return [
-        record("base", "baseline", {"bits": 32, "act_bits": 32, "prune": 0.0}, 900_000, 0.61),
-        record("a", "run", {"bits": 4, "method": "kmeans"}, 120_000, 0.5),
-        record("b", "run", {"bits": 2, "method": "uniform"}, 70_000, 0.25),
+        sweep_record("base", "baseline", {"bits": 32, "act_bits": 32, "prune": 0.0}, 900_000, 0.61),
+        sweep_record("a", "run", {"bits": 4, "method": "kmeans"}, 120_000, 0.5),
+        sweep_record("b", "run", {"bits": 2, "method": "uniform"}, 70_000, 0.25),
     ]
 
 
