@@ -59,6 +59,11 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+def raise_hint(name: str) -> str:
+    """How a user raises the limit ``name``, for error messages."""
+    return f"raise it explicitly with Limits({name}=...) or --raise-limit {name}=N"
+
+
 def check_decoded_size(counts: Iterable[int], file_size: int, limits: Limits) -> None:
     """Reject a file whose tensors decode to more elements than ``limits`` allow, or to more
     float32 bytes per file byte than the densest encoding can hold (MAX_DECODE_RATIO)."""
@@ -66,7 +71,7 @@ def check_decoded_size(counts: Iterable[int], file_size: int, limits: Limits) ->
     if total > limits.total_elements:
         raise MbzFormatError(
             f"tensors hold {total} elements in all, above the limit of {limits.total_elements} "
-            "(a reader may raise it explicitly: limits total_elements)"
+            f"({raise_hint('total_elements')})"
         )
     if FLOAT32_BYTES * total > MAX_DECODE_RATIO * file_size:
         raise MbzFormatError(

@@ -1,21 +1,38 @@
 """The ``mbz`` command line: thin click commands over library functions."""
 
+import importlib
+
 import click
 
 from mbz import __version__
-from mbz.commands.eval import eval_command
-from mbz.commands.export_onnx import export_onnx_command
-from mbz.commands.inspect import inspect_command
-from mbz.commands.pack import pack_command
-from mbz.commands.report import report_command
-from mbz.commands.sweep import sweep_command
-from mbz.commands.train import train_command
 from mbz.errors import MbzError
 from mbz.format import MbzFormatError
 
+# Each command's module and object, imported when the command runs (or --help lists it), so
+# that `mbz inspect`, `mbz eval --runtime numpy|onnx` and `mbz export-onnx` never load torch.
+COMMANDS = {
+    "pack": ("mbz.commands.pack", "pack_command"),
+    "eval": ("mbz.commands.eval", "eval_command"),
+    "inspect": ("mbz.commands.inspect", "inspect_command"),
+    "export-onnx": ("mbz.commands.export_onnx", "export_onnx_command"),
+    "train": ("mbz.commands.train", "train_command"),
+    "sweep": ("mbz.commands.sweep", "sweep_command"),
+    "report": ("mbz.commands.report", "report_command"),
+}
+
 
 class MbzGroup(click.Group):
-    """Turns the library's user-facing errors into clean messages (no traceback)."""
+    """Turns the library's user-facing errors into clean messages (no traceback); imports a
+    command's module only when that command is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name]
+        return getattr(importlib.import_module(module), attribute)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -39,11 +56,3 @@ def main() -> None:
       mbz inspect model.mbz
     """
 
-
-main.add_command(pack_command)
-main.add_command(eval_command)
-main.add_command(inspect_command)
-main.add_command(export_onnx_command)
-main.add_command(train_command)
-main.add_command(sweep_command)
-main.add_command(report_command)

@@ -1,4 +1,7 @@
-"""Top-1 evaluation of a graph with the torch fake-quant runtime and the numpy runtime."""
+"""Top-1 evaluation of a graph with the torch fake-quant runtime and the numpy runtime.
+
+torch is imported inside the torch functions only, so that evaluating with the numpy or ONNX
+runtime works on a machine without it."""
 
 from __future__ import annotations
 
@@ -6,12 +9,14 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from mbz.data import Dataset
-from mbz.torch_graph import GraphModule, image_batches
+
+if TYPE_CHECKING:
+    import torch
 
 Progress = Callable[[int], None] | None
 
@@ -44,6 +49,8 @@ def data_fingerprint(dataset: Dataset) -> str:
 
 def pick_device() -> torch.device:
     """CUDA when present, else CPU."""
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -53,7 +60,6 @@ def _result(runtime: str, logits_chunks: list, labels: np.ndarray, seconds: floa
     return EvalResult(runtime, predictions, accuracy, labels.size / max(seconds, 1e-9))
 
 
-@torch.no_grad()
 def evaluate_torch(
     graph: dict,
     params: dict[str, np.ndarray],
@@ -63,11 +69,16 @@ def evaluate_torch(
     progress: Progress = None,
 ) -> EvalResult:
     """Accuracy of the graph run by torch with exactly the decoded (fake-quantized) weights."""
+    import torch
+
+    from mbz.torch_graph import GraphModule, image_batches
+
     device = pick_device()
     module = GraphModule(graph, params).to(device).eval()
     chunks, start = [], time.perf_counter()
-    for _, x in image_batches(dataset.images, preprocess, device, batch_size, progress):
-        chunks.append(module(x).float().cpu().numpy())
+    with torch.no_grad():
+        for _, x in image_batches(dataset.images, preprocess, device, batch_size, progress):
+            chunks.append(module(x).float().cpu().numpy())
     return _result("torch", chunks, dataset.labels, time.perf_counter() - start)
 
 

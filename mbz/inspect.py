@@ -1,13 +1,23 @@
-"""What a .mbz file spends its bytes on: per-tensor parts, grouped, and file-level totals."""
+"""What a .mbz file spends its bytes on: per-tensor parts, grouped, and file-level totals.
+
+Everything read from the file's metadata is validated before use (the graph as the runtime
+validates it, the informative keys by type), so a hostile file raises MbzFormatError only.
+"""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from mbz.format import MbzFile, SectionInfo, read_mbz
+from mbz.format import DEFAULT_LIMITS, Limits, MbzFile, MbzFormatError, SectionInfo, read_mbz
+from mbz.format.checks import is_int, json_float32, json_int, json_str
+from mbz.format.constants import MAX_ELEMENTS
+from mbz.runtime.graph import analyze
 from mbz.runtime.onnx_export import export_onnx, onnx_bytes
+from mbz.runtime.program import shape_standins
 
 # Part name -> the category ``mbz inspect`` reports it under.
 PART_CATEGORY = {
@@ -44,10 +54,10 @@ def _tensor_row(mbz: MbzFile, section: SectionInfo) -> dict:
 
 def _layer_row(mbz: MbzFile, node: dict, tensor_rows: dict[str, dict]) -> dict:
     """One weight layer: its shapes before/after pruning, encoding, and bytes by category."""
-    facts = mbz.metadata.get("layers", {}).get(node["name"], {})
     names = list(node["params"].values())
     weight = tensor_rows[node["params"].get("weight", names[0])]
-    before, after = facts.get("shape_before", weight["shape"]), weight["shape"]
+    after = weight["shape"]
+    before = _shape_before(mbz.metadata, node["name"]) or after
     codebook = getattr(mbz.tensors[weight["tensor"]], "codebook", None)
     row = {
         "layer": node["name"],
@@ -68,15 +78,18 @@ def _layer_row(mbz: MbzFile, node: dict, tensor_rows: dict[str, dict]) -> dict:
     return row
 
 
-def describe(path: str | Path) -> dict:
-    """Read (and so fully validate, CRCs included) a .mbz file and account for every byte."""
+def describe(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> dict:
+    """Read (and so fully validate, CRCs included, within ``limits``) a .mbz file and account
+    for every byte."""
     path = Path(path)
-    mbz = read_mbz(path)
+    mbz = read_mbz(path, limits)
+    runnable = all(key in mbz.metadata for key in ("graph", "preprocess"))
+    onnx_size = onnx_bytes(export_onnx(mbz, limits=limits)) if runnable else None
+    nodes = _graph_nodes(mbz, limits)
     layout = mbz.layout
     rows = [_tensor_row(mbz, s) for s in layout.sections[1:]]
     by_name = {row["tensor"]: row for row in rows}
-    nodes = mbz.metadata.get("graph", {}).get("nodes", [])
-    layers = [_layer_row(mbz, node, by_name) for node in nodes if node.get("params")]
+    layers = [_layer_row(mbz, node, by_name) for node in nodes if node["params"]]
     claimed = {name for layer in layers for name in layer["tensors"]}
     layers += [
         _layer_row(mbz, {"name": name, "op": "tensor", "params": {"weight": name}}, by_name)
@@ -89,53 +102,139 @@ def describe(path: str | Path) -> dict:
         header_and_table=layout.header_bytes + layout.table_bytes,
         padding=layout.padding_bytes,
     )
-    runnable = all(key in mbz.metadata for key in ("graph", "preprocess"))
-    source = mbz.metadata.get("source", {})
-    fp32 = source.get("fp32_bytes")
+    source = _object(mbz.metadata, "source")
+    fp32 = _optional(source, "fp32_bytes", "source", _number)
     return {
         "file": str(path),
         "version": ".".join(map(str, mbz.version)),
         "total_bytes": mbz.file_size,
         "checksums": "ok",
-        "onnx_bytes": onnx_bytes(export_onnx(mbz)) if runnable else None,
+        "onnx_bytes": onnx_size,
         "fp32_bytes": fp32,
-        "ratio": fp32 / mbz.file_size if isinstance(fp32, int | float) else None,
-        "source_sha256": source.get("sha256"),
-        "tool_version": mbz.metadata.get("mbz", {}).get("tool_version"),
-        "accuracy": mbz.metadata.get("accuracy"),
+        "ratio": fp32 / mbz.file_size if fp32 is not None else None,
+        "source_sha256": _optional(source, "sha256", "source", json_str),
+        "tool_version": _optional(_object(mbz.metadata, "mbz"), "tool_version", "mbz", json_str),
+        "accuracy": _accuracy(mbz.metadata),
         "pack_config": mbz.metadata.get("pack_config"),
-        "nodes": len(mbz.metadata.get("graph", {}).get("nodes", [])),
+        "nodes": len(nodes),
         "layers": layers,
         "tensors": rows,
         "totals": totals,
     }
 
 
-def format_report(facts: dict) -> str:
-    """The human-readable per-layer table ``mbz inspect`` prints."""
-    head = (
-        f"{'layer':28} {'shape before -> after':>30} {'kept':>9} {'encoding':>10} {'bits':>4} "
-        f"{'k':>3} {'sparse':>6} {'mask':>6}"
-    )
-    lines = [head + "".join(f" {c:>8}" for c in CATEGORIES) + f" {'total':>8}"]
-    for r in facts["layers"]:
-        shapes = f"{_dims(r['shape_before'])} -> {_dims(r['shape_after'])}"
-        kept = "{}/{}".format(*r["kept_channels"])
-        enc = r["encoding"] + ("+h" if r["entropy"] == "huffman" else "")
-        line = (
-            f"{r['layer'][:28]:28} {shapes:>30} {kept:>9} {enc:>10} {r['bits'] or '':>4} "
-            f"{r['codebook_size'] or '':>3} {100 * r['sparsity']:5.1f}% {r['mask_encoding']:>6}"
-        )
-        lines.append(line + "".join(f" {r[c]:>8}" for c in CATEGORIES) + f" {r['bytes']:>8}")
+def _graph_nodes(mbz: MbzFile, limits: Limits) -> list[dict]:
+    """The graph's nodes, validated as the runtime validates them (none without a graph)."""
+    graph = mbz.metadata.get("graph")
+    if graph is None:
+        return []
+    analyze(graph, shape_standins(mbz), limits)
+    return graph["nodes"]
+
+
+def _object(container: dict, key: str) -> dict:
+    """``container[key]`` when it is an object ({} when absent)."""
+    value = container.get(key, {})
+    if not isinstance(value, dict):
+        raise MbzFormatError(f"metadata: {key} must be an object")
+    return value
+
+
+def _optional(container: dict, key: str, where: str, check: Any) -> Any:
+    """``check(container[key])``, or None when the key is absent or null."""
+    value = container.get(key)
+    return None if value is None else check(value, f"metadata: {where}.{key}")
+
+
+def _number(value: Any, where: str) -> int | float:
+    """``value`` as it is, when it is a number float32 can hold."""
+    json_float32(value, where)
+    return value
+
+
+def _accuracy(metadata: dict) -> dict | None:
+    """The pack-time accuracy record, its fields checked (null when not measured)."""
+    accuracy = metadata.get("accuracy")
+    if accuracy is None:
+        return None
+    if not isinstance(accuracy, dict):
+        raise MbzFormatError("metadata: accuracy must be an object or null")
+    top1 = json_float32(accuracy.get("top1"), "metadata: accuracy.top1")
+    if not 0 <= top1 <= 1:
+        raise MbzFormatError("metadata: accuracy.top1 must be in 0..1")
+    json_int(accuracy.get("images"), 0, MAX_ELEMENTS, "metadata: accuracy.images")
+    json_str(accuracy.get("data"), "metadata: accuracy.data")
+    return accuracy
+
+
+def _shape_before(metadata: dict, layer: str) -> list[int] | None:
+    """The layer's shape before channel pruning, as the informative ``layers`` key records it."""
+    shape = _object(_object(metadata, "layers"), layer).get("shape_before")
+    if shape is None:
+        return None
+    where = f"metadata: layers[{layer[:100]!r}].shape_before"
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 8 and all(is_int(d) for d in shape)):
+        raise MbzFormatError(f"{where} must be a list of 1 to 8 integers")
+    return [json_int(d, 0, MAX_ELEMENTS, where) for d in shape]
+
+
+def format_report(facts: dict, wide: bool = False) -> str:
+    """The human-readable per-layer table ``mbz inspect`` prints: within 100 columns (shape
+    after pruning, total bytes per layer), or with ``wide`` every column (shapes before and
+    after, bytes per category) and whole layer names."""
+    rows = [_row_cells(r) for r in facts["layers"]]
+    name_width = max([len(r["layer"]) for r in facts["layers"]] + [5]) if wide else _NAME_WIDTH
+    columns = _WIDE_COLUMNS if wide else _NARROW_COLUMNS
+    header = {key: head for key, head, _ in columns} | {"layer": "layer"}
+    lines = [_line(header, columns, name_width)]
+    lines += [_line(cells, columns, name_width) for cells in rows]
     t = facts["totals"]
-    lines.append("")
-    lines.append(
+    summary = [
         "bytes: " + ", ".join(f"{c} {t[c]}" for c in CATEGORIES)
         + f", metadata {t['metadata']}, header+table {t['header_and_table']}, "
-        f"alignment padding {t['padding']}"
-    )
-    lines.append(_summary(facts))
-    return "\n".join(lines)
+        f"alignment padding {t['padding']}",
+        _summary(facts),
+    ]
+    if not wide:
+        summary = [textwrap.fill(text, _NARROW, subsequent_indent="  ") for text in summary]
+    return "\n".join([*lines, "", *summary])
+
+
+_NARROW = 100  # columns of the default report
+_NAME_WIDTH = 28
+# (cell, header, width) of each column after the layer name; the narrow set fits in _NARROW.
+_KIND_COLUMNS = (
+    ("kept", "kept", 9), ("encoding", "encoding", 10), ("bits", "bits", 4), ("k", "k", 3),
+    ("sparse", "sparse", 6), ("mask_encoding", "mask", 6),
+)
+_NARROW_COLUMNS = (("shape", "shape", 15), *_KIND_COLUMNS, ("bytes", "bytes", 8))
+_WIDE_COLUMNS = (
+    ("shapes", "shape before -> after", 30), *_KIND_COLUMNS,
+    *((c, c, 8) for c in CATEGORIES), ("bytes", "total", 8),
+)
+
+
+def _row_cells(r: dict) -> dict[str, str]:
+    """Every cell of a layer's row, by column key."""
+    cells = {
+        "layer": r["layer"],
+        "shape": _dims(r["shape_after"]),
+        "shapes": f"{_dims(r['shape_before'])} -> {_dims(r['shape_after'])}",
+        "kept": "{}/{}".format(*r["kept_channels"]),
+        "encoding": r["encoding"] + ("+h" if r["entropy"] == "huffman" else ""),
+        "bits": str(r["bits"] or ""),
+        "k": str(r["codebook_size"] or ""),
+        "sparse": f"{100 * r['sparsity']:5.1f}%",
+        "mask_encoding": r["mask_encoding"],
+        "bytes": str(r["bytes"]),
+    }
+    return cells | {c: str(r[c]) for c in CATEGORIES}
+
+
+def _line(cells: dict[str, str], columns: tuple, name_width: int) -> str:
+    """One row: the layer name left-aligned (cut to ``name_width``), the columns right-aligned."""
+    name = cells["layer"][:name_width]
+    return f"{name:{name_width}}" + "".join(f" {cells[key]:>{w}}" for key, _, w in columns)
 
 
 def _dims(shape: list[int]) -> str:

@@ -1,5 +1,8 @@
 """Reload a .mbz file, run it with each runtime, and check they agree with each other and with
-the accuracy stored at pack time."""
+the accuracy stored at pack time.
+
+The file is read and validated within its limits once, before any weight is decoded; torch is
+imported only when the torch runtime is asked for."""
 
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ from mbz.evaluate import (
     evaluate_numpy,
     evaluate_torch,
 )
-from mbz.format import MbzFile, read_mbz
+from mbz.format import DEFAULT_LIMITS, Limits, MbzFile, read_mbz
 from mbz.runtime import load_program
 from mbz.runtime.onnx_export import OnnxProgram, export_onnx
+from mbz.runtime.program import check_runnable
 
 RUNTIMES = ("numpy", "torch", "onnx")
 AGREEMENT_FLOAT = 0.999  # per-image top-1 agreement required with float activations
@@ -61,13 +65,21 @@ class Report:
         return "\n".join(lines)
 
 
+def open_checked(source: Path | MbzFile, limits: Limits = DEFAULT_LIMITS) -> MbzFile:
+    """A .mbz file (a path or a read file), its graph and preprocessing validated within
+    ``limits`` (MbzFormatError) before any weight is decoded."""
+    mbz = source if isinstance(source, MbzFile) else read_mbz(source, limits)
+    check_runnable(mbz, limits)
+    return mbz
+
+
 def _run(
-    runtime: str, path: Path, mbz: MbzFile, dataset: Dataset, progress: Progress
+    runtime: str, mbz: MbzFile, dataset: Dataset, progress: Progress, limits: Limits
 ) -> EvalResult:
     if runtime == "numpy":
-        return evaluate_numpy(load_program(path), dataset, progress)
+        return evaluate_numpy(load_program(mbz, limits), dataset, progress)
     if runtime == "onnx":  # exported in memory, weights decoded by onnxruntime at load
-        onnx_program = OnnxProgram(export_onnx(mbz))
+        onnx_program = OnnxProgram(export_onnx(mbz, limits=limits))
         return replace(evaluate_numpy(onnx_program, dataset, progress), runtime="onnx")
     params = {name: tensor.decode() for name, tensor in mbz.tensors.items()}
     graph, preprocess = mbz.metadata["graph"], mbz.metadata["preprocess"]
@@ -100,18 +112,20 @@ def _check(report: Report, tolerance: float, quantized: bool, fingerprint: str) 
 
 
 def verify(
-    path: Path,
+    source: Path | MbzFile,
     dataset: Dataset,
     runtimes: tuple[str, ...] = RUNTIMES,
     tolerance: float = 0.001,
     progress: Progress = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Report:
-    """Evaluate ``path`` with each runtime on ``dataset``.
+    """Evaluate ``source`` (a .mbz path or a read file) with each runtime on ``dataset``.
 
     ``tolerance`` is a fraction: 0.001 accepts 0.1 percentage points of accuracy difference.
+    The file is validated within ``limits`` first (``open_checked``).
     """
-    mbz = read_mbz(path)
-    results = [_run(runtime, path, mbz, dataset, progress) for runtime in runtimes]
+    mbz = open_checked(source, limits)
+    results = [_run(runtime, mbz, dataset, progress, limits) for runtime in runtimes]
     report = Report(results, stored=mbz.metadata.get("accuracy"))
     quantized = any(node["op"] == "quantize" for node in mbz.metadata["graph"]["nodes"])
     _check(report, tolerance, quantized, data_fingerprint(dataset))

@@ -20,7 +20,7 @@ import numpy as np
 from mbz.format.checks import is_int, json_int, json_scale, json_str
 from mbz.format.constants import GRAPH_OPS, MAX_BITS, MIN_BITS
 from mbz.format.errors import MbzFormatError
-from mbz.format.limits import DEFAULT_LIMITS, FLOAT32_BYTES, Limits
+from mbz.format.limits import DEFAULT_LIMITS, FLOAT32_BYTES, Limits, raise_hint
 
 MAX_NODES = 100_000
 GRAPH_KEYS = ("input", "input_shape", "output", "nodes")
@@ -78,15 +78,14 @@ def analyze(
         macs += _macs(node["op"], inputs[0], shape, weights, attrs)
         if macs > limits.macs:
             _fail(label, f"the graph needs more than {limits.macs} multiply-accumulates per "
-                  "image up to here (a reader may raise the limit explicitly: macs)")
+                  f"image up to here ({raise_hint('macs')})")
         scratch[index] = _padded_elements(inputs[0], attrs)
     _check_output(graph, shapes)
     cost = GraphCost(macs, _peak_bytes(graph, shapes, scratch))
     if cost.peak_bytes > limits.activation_bytes:
         raise MbzFormatError(
             f"graph: running one image holds {cost.peak_bytes} bytes of activations at once, "
-            f"above the limit of {limits.activation_bytes} (a reader may raise it explicitly: "
-            "activation_bytes)"
+            f"above the limit of {limits.activation_bytes} ({raise_hint('activation_bytes')})"
         )
     return shapes, cost
 
@@ -117,7 +116,7 @@ def _check_header(graph: Any, limits: Limits) -> None:
     if math.prod(shape) > limits.input_elements:
         raise MbzFormatError(
             f"graph: input_shape {shape} has more than {limits.input_elements} elements per "
-            "image (a reader may raise the limit explicitly: input_elements)"
+            f"image ({raise_hint('input_elements')})"
         )
     nodes = graph["nodes"]
     if not isinstance(nodes, list) or not 1 <= len(nodes) <= MAX_NODES:

@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from mbz.commands.dataset import open_test_split
+from mbz.commands.limits import limits_option
 from mbz.commands.params import data_options, progress_bar
 from mbz.format import read_mbz
-from mbz.verify import RUNTIMES, verify
+from mbz.verify import RUNTIMES, open_checked, verify
 
 
 @click.command("eval")
@@ -34,18 +35,21 @@ from mbz.verify import RUNTIMES, verify
     "against the accuracy stored at pack time (when measured on the same images).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def eval_command(file, data_source, data_root, limit, runtime, tolerance, as_json):
+@limits_option()
+def eval_command(file, data_source, data_root, limit, runtime, tolerance, as_json, limits):
     """Measure the top-1 accuracy of FILE (a .mbz) on --data.
 
     Exits with status 1 when runtimes disagree, or differ from the accuracy stored at pack
-    time, by more than the tolerance.
+    time, by more than the tolerance, or when FILE is not a valid .mbz within the limits (it is
+    validated before any image is read). Only --runtime torch (or all) imports PyTorch.
     """
+    mbz = open_checked(file, limits)
     input_shape = read_mbz(file).metadata["graph"]["input_shape"]
     dataset = open_test_split(data_source, data_root, limit, input_shape, str(file))
     runtimes = RUNTIMES if runtime == "all" else (runtime,)
     total = len(dataset.labels) * len(runtimes)
     with progress_bar(total, "evaluating", enabled=not as_json) as update:
-        report = verify(file, dataset, runtimes, tolerance / 100, progress=update)
+        report = verify(mbz, dataset, runtimes, tolerance / 100, progress=update, limits=limits)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:

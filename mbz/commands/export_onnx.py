@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 import onnx
 
-from mbz.format import read_mbz
+from mbz.commands.limits import limits_option
+from mbz.format import Limits, read_mbz
 from mbz.runtime.onnx_export import IR_VERSION, OPSET, export_onnx, onnx_bytes
 
 
@@ -28,7 +29,10 @@ from mbz.runtime.onnx_export import IR_VERSION, OPSET, export_onnx, onnx_bytes
     "in-graph decoding. Default: weights stay compressed and the graph decodes them.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def export_onnx_command(file: Path, output: Path | None, dense: bool, as_json: bool) -> None:
+@limits_option()
+def export_onnx_command(
+    file: Path, output: Path | None, dense: bool, as_json: bool, limits: Limits
+) -> None:
     """Export FILE (a .mbz) to ONNX (opset 21), without PyTorch.
 
     The model takes raw uint8 images [N, H, W, C] (normalisation is in the graph) and returns
@@ -42,8 +46,8 @@ def export_onnx_command(file: Path, output: Path | None, dense: bool, as_json: b
       mbz export-onnx model.mbz -o model.onnx
     """
     output = output or file.with_suffix(".onnx")
-    mbz = read_mbz(file)
-    model = export_onnx(mbz, dense=dense)
+    mbz = read_mbz(file, limits)
+    model = export_onnx(mbz, dense=dense, limits=limits)
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as error:

@@ -7,21 +7,35 @@ from pathlib import Path
 
 import click
 
+from mbz.commands.limits import limits_option
+from mbz.format import Limits
 from mbz.inspect import describe, format_report
 
 
 @click.command("inspect")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
-def inspect_command(file: Path, as_json: bool) -> None:
+@click.option(
+    "--wide",
+    is_flag=True,
+    help="Every column (shapes before and after, bytes per category) and whole layer names, "
+    "wider than 100 columns.",
+)
+@limits_option()
+def inspect_command(file: Path, as_json: bool, wide: bool, limits: Limits) -> None:
     """Validate FILE (a .mbz, every checksum) and show its bytes per layer.
 
-    Per layer: weight shape before and after channel pruning, kept output channels, encoding
+    Per layer (within 100 columns; --wide for every column): weight shape before and after
+    channel pruning, kept output channels, encoding
     (+h when Huffman-coded), bits, codebook size k, share of pruned weights and how their mask is
     stored (bitmap or csr). Byte columns: payload (values, indices or integer codes), codebook
     (centroids and Huffman code lengths), scales (scales and zero points), mask (bitmap or CSR
     positions of pruned tensors), then the file-level metadata, header and alignment padding,
     which add up to the file size. The summary also gives the size of the file as ONNX.
+
+    A file from elsewhere is untrusted: one that would cost more than the limits to read or run
+    is refused (exit 1) unless --raise-limit raises them.
     """
-    facts = describe(file)
-    click.echo(json.dumps(facts, indent=2, sort_keys=True) if as_json else format_report(facts))
+    facts = describe(file, limits)
+    text = json.dumps(facts, indent=2, sort_keys=True) if as_json else format_report(facts, wide)
+    click.echo(text)
