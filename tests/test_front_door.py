@@ -229,3 +229,18 @@ def test_json_summary_carries_the_float_accuracy(workdir, checkpoint, images):
         invoke("pack", checkpoint, "--data", data, "-o", workdir / "j.mbz", "--json").stdout
     )
     assert summary["float_accuracy"]["images"] == 16 and summary["float_accuracy"]["chance"] == 0.1
+
+
+def test_inspect_fits_100_columns_and_wide_shows_everything(workdir, checkpoint):
+    out = workdir / "inspected.mbz"
+    invoke("pack", checkpoint, "--prune", 0.36, "--prune-mode", "weight", "-o", out)
+    narrow = invoke("inspect", out).output.splitlines()
+    assert max(map(len, narrow)) <= 100
+    assert narrow[0].split() == ["layer", "shape", "kept", "encoding", "bits", "k", "sparse",
+                                 "mask", "bytes"]
+    wide = invoke("inspect", out, "--wide").output.splitlines()
+    assert wide[0].split()[-5:] == ["payload", "codebook", "scales", "mask", "total"]
+    assert "->" in wide[1] and max(map(len, wide)) > 100
+    # The same layers, and each row's total bytes, in both.
+    assert [row.split()[0] for row in narrow[1:4]] == [row.split()[0] for row in wide[1:4]]
+    assert [row.split()[-1] for row in narrow[1:4]] == [row.split()[-1] for row in wide[1:4]]
