@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -104,7 +105,7 @@ def prepare_pack(
     trust_pickle: bool = False,
     on_stage: Callable[[str], None] | None = None,
     on_step: Callable[[StepReport], None] | None = None,
-    **options: object,
+    **options: Any,
 ) -> PackJob:
     """Load and check everything ``pack`` needs (see ``pack``), before any slow work.
 
@@ -136,7 +137,7 @@ def pack(
     output: str | Path | None = None,
     *,
     progress: Callable[[int], None] | None = None,
-    **options: object,
+    **options: Any,
 ) -> PackResult:
     """Compress ``model`` into the .mbz file ``output``, as ``mbz pack`` does.
 
@@ -220,10 +221,11 @@ def _loaded(model: nn.Module | str | Path, arch: str | None, trust_pickle: bool)
 
 def _output(model: nn.Module | str | Path, output: str | Path | None) -> Path:
     """Where to write: ``output``, else next to the model file, in a folder that exists."""
-    if output is None:
-        named = isinstance(model, nn.Module)
-        output = f"{type(model).__name__.lower()}.mbz" if named else Path(model).with_suffix(".mbz")
-    output = Path(output)
+    if isinstance(model, nn.Module):
+        default = Path(f"{type(model).__name__.lower()}.mbz")
+    else:
+        default = Path(model).with_suffix(".mbz")
+    output = default if output is None else Path(output)
     if not output.parent.is_dir():
         raise MbzError(f"cannot write {output}: the directory {output.parent} does not exist")
     return output

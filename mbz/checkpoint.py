@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -71,6 +72,7 @@ class SavedRun:
     """A training run saved by ``mbz train``, to be resumed."""
 
     loaded: LoadedModel
+    arch: ArchConfig  # loaded.arch, which a run always has
     recipe: dict  # mbz.training.Recipe.to_dict()
     epoch: int
     history: list[dict]
@@ -94,12 +96,13 @@ def load_run(path: str | Path) -> SavedRun:
     """The run saved in ``path`` by ``mbz train`` (weights, architecture, recipe, epoch,
     history, optimizer state), read once; MbzError if another program wrote the file."""
     loaded, saved = _open(Path(path), False, None)
-    if loaded.arch is None or not isinstance(saved, Mapping) or not set(_RUN_KEYS) <= set(saved):
+    arch = loaded.arch
+    if arch is None or not isinstance(saved, Mapping) or not set(_RUN_KEYS) <= set(saved):
         raise MbzError(
             f"{path} was not written by mbz train (it lacks the architecture, recipe, epoch, "
             "history or optimizer state); start a new run without --resume"
         )
-    return SavedRun(loaded, *(saved[key] for key in _RUN_KEYS))
+    return SavedRun(loaded, arch, *(saved[key] for key in _RUN_KEYS))
 
 
 def _open(path: Path, trust_pickle: bool, arch: str | None) -> tuple[LoadedModel, object]:
@@ -111,9 +114,11 @@ def _open(path: Path, trust_pickle: bool, arch: str | None) -> tuple[LoadedModel
             "or torch.jit.save"
         )
     data = path.read_bytes()
+    obj: object = None
+    extra: dict
     if _is_torchscript(data):
         _no_arch_for_modules(arch, path)
-        obj, module, recorded, extra = None, _load_torchscript(path, data), None, {}
+        module, recorded, extra = _load_torchscript(path, data), None, {}
     else:
         obj = _load_torch(path, data, trust_pickle)
         module, recorded, extra = _resolve(path, obj, arch)
@@ -229,7 +234,7 @@ def _unreadable(path: Path, data: bytes, exc: Exception) -> MbzError:
     )
 
 
-def _is_state_dict(value: object) -> bool:
+def _is_state_dict(value: object) -> TypeGuard[Mapping[str, torch.Tensor]]:
     return (
         isinstance(value, Mapping)
         and len(value) > 0
@@ -266,13 +271,13 @@ def _resolve(
     if isinstance(obj[key], nn.Module):
         _no_arch_for_modules(arch_name, path)
         return obj[key], None, extra
-    arch = ArchConfig.from_dict(obj["arch"]) if "arch" in obj else None
-    if arch is not None and arch_name not in (None, arch.name):
+    recorded = ArchConfig.from_dict(obj["arch"]) if "arch" in obj else None
+    if recorded is not None and arch_name not in (None, recorded.name):
         raise MbzError(
-            f"{path} records the architecture {arch.name!r}, not {arch_name!r}: drop --arch, "
-            "which is for state_dicts that record none"
+            f"{path} records the architecture {recorded.name!r}, not {arch_name!r}: drop "
+            "--arch, which is for state_dicts that record none"
         )
-    module, arch = _build(path, obj[key], arch, arch_name)
+    module, arch = _build(path, obj[key], recorded, arch_name)
     return module, arch, extra
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from mbz.errors import MbzError
 
@@ -296,7 +297,7 @@ class PackConfig:
         return cls(**values)
 
 
-def config_from_options(**options: object) -> PackConfig:
+def config_from_options(**options: Any) -> PackConfig:
     """A PackConfig from options named like its fields (and ``mbz pack``'s flags): ``bits`` as
     text or a dict overlaid on DEFAULT_BITS, ``act_bits`` as text, a number or a dict, ``mean``
     and ``std`` as sequences. Raises ValueError naming an unknown option or an invalid value."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -177,7 +178,7 @@ def pack_command(
     limit: int | None,
     limit_train: int | None,
     as_json: bool,
-    **options: object,
+    **options: Any,
 ) -> None:
     """Prune and quantize MODEL (a .pt checkpoint) into a .mbz file.
 

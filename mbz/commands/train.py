@@ -103,8 +103,8 @@ def _resumed_start(ctx: click.Context, checkpoint: Path, epochs: int) -> TrainSt
     recipe = Recipe.from_dict(saved.recipe)
     if ctx.get_parameter_source("epochs") is not ParameterSource.DEFAULT:
         recipe = replace(recipe, epochs=epochs)
-    model, arch = saved.loaded.module, saved.loaded.arch
-    return TrainStart(model, arch, recipe, saved.epoch, saved.history, saved.optimizer)
+    model = saved.loaded.module
+    return TrainStart(model, saved.arch, recipe, saved.epoch, saved.history, saved.optimizer)
 
 
 def _datasets(
@@ -113,13 +113,13 @@ def _datasets(
     """The train and test splits, cut to their first N images when limits are given, checked
     to be CIFAR-10-sized images."""
     train, test = (load_split(source, split, data_root=root) for split in ("train", "test"))
-    splits = tuple(
+    train, test = (
         data if limit is None else data.head(limit)
         for data, limit in zip((train, test), limits, strict=True)
     )
-    for data in splits:
+    for data in (train, test):
         check_image_shape(data, IMAGE_SHAPE, "mbz's CIFAR-10 MobileNet-v2")
-    return splits
+    return train, test
 
 
 def _check_classes(arch: ArchConfig, *datasets: Dataset) -> None:
