@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mbz.checkpoint import LoadedModel, load_model
 from mbz.errors import MbzError
-from mbz.sweep import Job, Runner, SweepData, SweepSettings, open_data, run_point
+from mbz.sweep import Job, Runner, SweepData, SweepSettings, open_data, open_model, run_point
 
 _MODELS: dict[str, LoadedModel] = {}  # per worker process: the model of each sweep, by sha256
 
@@ -28,6 +28,7 @@ class Shipment:
 
     model_bytes: bytes
     trust_pickle: bool
+    arch: str | None
     data: SweepData
 
 
@@ -38,7 +39,7 @@ def _model(shipment: Shipment) -> LoadedModel:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.pt"
             path.write_bytes(shipment.model_bytes)
-            _MODELS[sha] = load_model(path, trust_pickle=shipment.trust_pickle)
+            _MODELS[sha] = load_model(path, shipment.trust_pickle, shipment.arch)
     return _MODELS[sha]
 
 
@@ -85,10 +86,11 @@ def ray_runner(address: str | None = None, num_cpus: int | None = None) -> Runne
 
 
 def _run_all(ray, jobs: list[Job], settings: SweepSettings) -> Iterator[dict]:
-    """Submit every job; yield each record once its file is written, in finishing order."""
-    shipment = ray.put(
-        Shipment(settings.model.read_bytes(), settings.trust_pickle, open_data(settings, jobs))
-    )
+    """Submit every job; yield each record once its file is written, in finishing order.
+    The driver loads the model too, so that its errors and the image-size check come first."""
+    data = open_data(settings, jobs, open_model(settings))
+    model_bytes = settings.model.read_bytes()
+    shipment = ray.put(Shipment(model_bytes, settings.trust_pickle, settings.arch, data))
     task = ray.remote(num_cpus=1)(run_task)
     pending = {task.remote(shipment, job, settings): job for job in jobs}
     while pending:

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mbz.capture import capture
 from mbz.checkpoint import LoadedModel, load_model
-from mbz.config import ACT_FLOAT, PackConfig, parse_act_bits, parse_bits
-from mbz.data import Dataset, load_split
+from mbz.config import ACT_FLOAT, PackConfig, activation_bits, weight_bits
+from mbz.data import Dataset, check_image_shape, load_split
 from mbz.errors import MbzError
 from mbz.finetune import Tuning, load_training
 from mbz.pack import pack
@@ -35,7 +36,8 @@ from mbz.verify import RUNTIMES, verify
 
 RESULTS_JSONL = "results.jsonl"
 RESULTS_CSV = "results.csv"
-# The baseline run: float32 weights and activations, nothing pruned, through the same pipeline.
+# The baseline run: float32 weights and activations, nothing pruned, through the same pipeline
+# (and never fine-tuned: it is the model as it was given).
 BASELINE_POINT = {"bits": 32, "act_bits": 32, "prune": 0.0}
 _FIXED_FIELDS = ("version",)  # PackConfig fields a sweep cannot set
 
@@ -123,12 +125,11 @@ def parse_settings(items: Iterable[str]) -> dict:
 
 
 def _rules(key: str, value: object) -> dict[str, int]:
-    """A ``bits``/``act_bits`` value: a bare number for every group, or rule text."""
-    if isinstance(value, dict):
-        return value
-    if key == "bits":
-        return {"conv": value, "fc": value} if isinstance(value, int) else parse_bits(str(value))
-    return {} if value == ACT_FLOAT else parse_act_bits(str(value))
+    """A ``bits``/``act_bits`` value: a number for every group (32 activation bits: float), or
+    rules as ``mbz pack`` reads them (weight rules overlay the default bits)."""
+    if key == "act_bits":
+        return {} if value == ACT_FLOAT else activation_bits(value)
+    return {"conv": value, "fc": value} if type(value) is int else weight_bits(value)
 
 
 def _field_value(key: str, value: object, default: object) -> object:
@@ -167,6 +168,7 @@ class SweepSettings:
     peak_images: int = 4  # images the activation peak is measured on
     base: PackConfig = field(default_factory=PackConfig)  # every point starts from it
     trust_pickle: bool = False
+    arch: str | None = None  # the network of a bare MobileNet-v2 state_dict (mbz.models.ARCHS)
     tolerance: float = 0.001  # accuracy difference accepted between runtimes (a fraction)
     model_sha256: str = field(init=False)
 
@@ -214,6 +216,8 @@ def plan(grid: dict[str, list], settings: SweepSettings) -> list[Job]:
     jobs: dict[str, Job] = {}
     for point, kind in points:
         config = point_config(settings.base, point)
+        if kind == "baseline":
+            config = dataclasses.replace(config, finetune_epochs=0)
         key = run_key(point, config, settings)
         jobs.setdefault(key, Job(key, kind, point, config))
     return list(jobs.values())
@@ -228,18 +232,22 @@ class SweepData:
     train: Dataset | None  # for calibration and fine-tuning; None when no run needs it
 
 
-def open_data(settings: SweepSettings, jobs: list[Job]) -> SweepData:
-    """The test split (and the train split when a job calibrates activations or fine-tunes)."""
+def open_data(settings: SweepSettings, jobs: list[Job], model: LoadedModel) -> SweepData:
+    """The test split (and the train split when a job calibrates activations or fine-tunes),
+    checked to hold images of the size ``model`` takes."""
     test = load_split(settings.data, "test", settings.data_root)
     needs_train = any(job.config.act_bits or job.config.finetune_epochs for job in jobs)
     train = load_training(settings.data, settings.data_root) if needs_train else None
+    shape = capture(model.module).graph["input_shape"]
+    for split in (test, train) if train is not None else (test,):
+        check_image_shape(split, shape, str(settings.model))
     limited = test.head(settings.limit) if settings.limit else test
     return SweepData(limited, test.images[: settings.peak_images], train)
 
 
 def open_model(settings: SweepSettings) -> LoadedModel:
     """The sweep's model, loaded once."""
-    return load_model(settings.model, trust_pickle=settings.trust_pickle)
+    return load_model(settings.model, trust_pickle=settings.trust_pickle, arch=settings.arch)
 
 
 def measure_peak(path: Path, images: np.ndarray) -> int:
@@ -294,7 +302,8 @@ def run_locally(jobs: list[Job], settings: SweepSettings) -> Iterator[dict]:
     """The ``Runner`` of this process: one job after the other."""
     if not jobs:
         return
-    model, data = open_model(settings), open_data(settings, jobs)
+    model = open_model(settings)
+    data = open_data(settings, jobs, model)
     for job in jobs:
         yield run_point(model, data, job, settings.out_dir / job.file, settings)
 

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mbz.checkpoint import load_model, save_checkpoint
 from mbz.config import PackConfig, parse_act_bits
 from mbz.errors import MbzError
+from mbz.format import read_mbz
 from mbz.models import ArchConfig
 from mbz.runtime import load_program
 from mbz.sweep import expand_grid, load_grid, parse_grid, parse_settings, point_config
@@ -105,6 +107,7 @@ def test_a_point_is_the_base_config_with_its_values():
     )  # fmt: skip
     assert point_config(base, {"act_bits": 32}).act_bits == {}  # float activations
     assert point_config(base, {"bits": "conv=3,fc=2"}).bits == {"conv": 3, "fc": 2}
+    assert point_config(base, {"bits": "fc=2"}).bits == {"conv": 4, "fc": 2}  # as mbz pack
     assert point_config(base, {"mean": "0.5,0.5,0.5"}).mean == (0.5, 0.5, 0.5)
     for point, message in (
         ({"prune": 1.5}, r"prune fraction 1.5 must be in \[0, 1\)"),  # PackConfig's check
@@ -213,3 +216,34 @@ def test_ray_options_need_ray(tiny_sweep, tmp_path):
     args = sweep_args(tiny_sweep.model, tiny_sweep.data, tmp_path / "x")
     result = invoke(*args, "--ray-cpus", 2, expect=2)
     assert "--ray-address and --ray-cpus need --ray" in result.output
+
+
+def test_model_and_images_are_checked_before_any_run(tiny_sweep, tmp_path):
+    bare = tmp_path / "bare.pt"
+    torch.save(narrow_mobilenet(width_mult=0.125).state_dict(), bare)
+    result = invoke(*sweep_args(bare, tiny_sweep.data, tmp_path / "a"), expect=1)
+    assert "--arch" in result.output and "Traceback" not in result.output
+    big = tmp_path / "big.npz"
+    images = np.zeros((4, 64, 64, 3), np.uint8)
+    np.savez(big, x_train=images, y_train=np.arange(4), x_test=images, y_test=np.arange(4))
+    result = invoke(*sweep_args(tiny_sweep.model, big, tmp_path / "b"), expect=1)
+    assert "64x64 images" in result.output and "Traceback" not in result.output
+    for folder in ("a", "b"):
+        assert not (tmp_path / folder / "results.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_bare_state_dict_with_arch_and_fine_tuned_points(tiny_sweep, tmp_path):
+    bare = tmp_path / "bare.pt"
+    torch.save(narrow_mobilenet(width_mult=0.125).state_dict(), bare)
+    args = sweep_args(bare, tiny_sweep.data, tmp_path / "out", "prune_mode=weight prune=0.5")
+    summary = sweep([*args, "--arch", "cifar", "--set", "finetune_epochs=1"])
+    assert (summary["ran"], summary["skipped"]) == (2, 0)
+    baseline, run = records(tmp_path / "out")
+    assert "finetune_epochs" not in read_mbz(tmp_path / "out" / baseline["file"]).metadata[
+        "pack_config"
+    ]  # the baseline is the model as given
+    metadata = read_mbz(tmp_path / "out" / run["file"]).metadata
+    assert metadata["pack_config"]["finetune_epochs"] == 1
+    assert metadata["pack_config"]["prune_mode"] == "weight"
+    assert metadata["source"]["arch"]["name"] == "mobilenet_v2_cifar"

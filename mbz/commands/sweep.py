@@ -10,6 +10,7 @@ import click
 from mbz.charts import write_charts
 from mbz.commands.params import data_options, import_wandb, progress_bar
 from mbz.config import PackConfig
+from mbz.models import ARCHS
 from mbz.sweep import (
     RESULTS_CSV,
     RESULTS_JSONL,
@@ -82,6 +83,13 @@ def _runner(use_ray: bool, ray_address: str | None, ray_cpus: int | None):
     help="Test images the numpy runtime runs to measure each run's peak activation bytes.",
 )
 @click.option(
+    "--arch",
+    type=click.Choice(list(ARCHS)),
+    default=None,
+    help="The network of a MobileNet-v2 state_dict, as for `mbz pack` (not needed for mbz "
+    "train's checkpoints).",
+)
+@click.option(
     "--trust-pickle",
     is_flag=True,
     help="Allow MODEL to be a whole pickled nn.Module. Unpickling runs code from the file: "
@@ -117,7 +125,7 @@ def _runner(use_ray: bool, ray_address: str | None, ray_cpus: int | None):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def sweep_command(
     model, data_source, data_root, limit, grid, overrides, out_dir, runtime, peak_images,
-    trust_pickle, use_ray, ray_address, ray_cpus, use_wandb, wandb_project, as_json,
+    arch, trust_pickle, use_ray, ray_address, ray_cpus, use_wandb, wandb_project, as_json,
 ):  # fmt: skip
     """Pack and evaluate MODEL at every combination of --grid, plus a float32 baseline.
 
@@ -136,8 +144,9 @@ def sweep_command(
     out_dir = out_dir or model.with_name(model.stem + "-sweep")
     base = point_config(PackConfig(), parse_settings(overrides))
     settings = SweepSettings(
-        model, data_source, out_dir, data_root, limit, runtime, peak_images, base, trust_pickle
-    )
+        model, data_source, out_dir, data_root, limit, runtime, peak_images, base, trust_pickle,
+        arch,
+    )  # fmt: skip
     runner = _runner(use_ray, ray_address, ray_cpus)
     wandb = import_wandb() if use_wandb else None
     on_record = sweep_run_logger(wandb, wandb_project, out_dir) if wandb else (lambda r: None)
