@@ -66,5 +66,4 @@ def _check_depth(obj: object) -> None:
         if depth > MAX_JSON_DEPTH:
             raise MbzFormatError(f"metadata nests deeper than {MAX_JSON_DEPTH} levels")
         children = value.values() if isinstance(value, dict) else value
-        if isinstance(value, dict | list):
-            stack.extend((child, depth + 1) for child in children)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))

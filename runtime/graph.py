@@ -267,8 +267,8 @@ def _window(size: int, kernel: int, stride: int, padding: int, dilation: int, la
     padded = size + 2 * padding
     if padded < span:
         _fail(label, f"window {span} does not fit in input {size} padded by {padding}")
-    if padding > span:
-        _fail(label, f"padding {padding} must be at most the window {span}")
+    if padding > min(span, size):
+        _fail(label, f"padding {padding} must be at most the window {span} and the input {size}")
     if stride > padded:
         _fail(label, f"stride {stride} is larger than the padded input {padded}")
     return (padded - span) // stride + 1
