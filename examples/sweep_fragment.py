@@ -4,11 +4,12 @@ Run from the repository root:
 
     python examples/sweep_fragment.py [--fragment ../shared/data/cifar10-fragment.npz]
         [--out runs/sweep_fragment] [--epochs 6] [--width 0.5] [--grid "..."] [--limit 500]
+        [--ray]
 
 It runs the same commands a user would, printing each one first:
 
     mbz train --data FRAGMENT --width 0.5 --epochs 6 --warmup-epochs 1 --seed 0 -o OUT/base.pt
-    mbz sweep OUT/base.pt --data FRAGMENT --limit 500 --grid GRID -o OUT/sweep
+    mbz sweep OUT/base.pt --data FRAGMENT --limit 500 --grid GRID -o OUT/sweep [--ray]
     mbz report OUT/sweep --baseline OUT/base.pt --max-drop 1.0
 
 then writes OUT/report.md and OUT/report.json. Every step resumes: a trained checkpoint is
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--grid", default=DEFAULT_GRID)
     parser.add_argument("--limit", type=int, default=500, help="test images per evaluation")
     parser.add_argument("--max-drop", default="1.0", help="accepted drop, percentage points")
+    parser.add_argument("--ray", action="store_true", help="sweep the points as Ray tasks")
     options = parser.parse_args()
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,7 @@ def main() -> None:
     sweep = out / "sweep"
     run([
         "sweep", str(model), "--data", options.fragment, "--limit", str(options.limit),
-        "--grid", options.grid, "-o", str(sweep),
+        "--grid", options.grid, "-o", str(sweep), *(["--ray"] if options.ray else []),
     ])  # fmt: skip
     for suffix, flag in (("md", "--markdown"), ("json", "--json")):
         report = ["report", str(sweep), "--baseline", str(model), "--max-drop", options.max_drop]

@@ -139,7 +139,7 @@ def import_wandb():
         import wandb  # optional dependency
     except ImportError:
         raise click.ClickException(
-            "--wandb needs the wandb package: pip install wandb (it logs offline, without a "
+            "--wandb needs the wandb package: pip install 'mbz[wandb]' (it logs offline, without a "
             "network, with WANDB_MODE=offline; `wandb sync` uploads later)"
         ) from None
     return wandb
