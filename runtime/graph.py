@@ -269,8 +269,8 @@ def _window(size: int, kernel: int, stride: int, padding: int, dilation: int, la
         _fail(label, f"window {span} does not fit in input {size} padded by {padding}")
     if padding > min(span, size):
         _fail(label, f"padding {padding} must be at most the window {span} and the input {size}")
-    if stride > padded:
-        _fail(label, f"stride {stride} is larger than the padded input {padded}")
+    if max(stride, dilation) > padded:
+        _fail(label, f"stride {stride} or dilation {dilation} exceeds the padded input {padded}")
     return (padded - span) // stride + 1
 
 
