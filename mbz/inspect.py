@@ -181,13 +181,16 @@ def _shape_before(metadata: dict, layer: str) -> list[int] | None:
 def format_report(facts: dict, wide: bool = False) -> str:
     """The human-readable per-layer table ``mbz inspect`` prints: within 100 columns (shape
     after pruning, total bytes per layer), or with ``wide`` every column (shapes before and
-    after, bytes per category) and whole layer names."""
+    after, bytes per category) and whole layer names. Columns are as wide as their cells; in
+    100 columns, long layer names are cut."""
     rows = [_row_cells(r) for r in facts["layers"]]
-    name_width = max([len(r["layer"]) for r in facts["layers"]] + [5]) if wide else _NAME_WIDTH
-    columns = _WIDE_COLUMNS if wide else _NARROW_COLUMNS
-    header = {key: head for key, head, _ in columns} | {"layer": "layer"}
-    lines = [_line(header, columns, name_width)]
-    lines += [_line(cells, columns, name_width) for cells in rows]
+    header = {key: head for key, head in (_WIDE_COLUMNS if wide else _NARROW_COLUMNS)}
+    widths = {key: max(len(cells[key]) for cells in [header, *rows]) for key in header}
+    name_width = max(len(cells["layer"]) for cells in [{"layer": "layer"}, *rows])
+    if not wide:
+        name_width = max(_MIN_NAME, min(name_width, _NARROW - sum(w + 1 for w in widths.values())))
+    lines = [_line(header | {"layer": "layer"}, widths, name_width)]
+    lines += [_line(cells, widths, name_width) for cells in rows]
     t = facts["totals"]
     summary = [
         "bytes: " + ", ".join(f"{c} {t[c]}" for c in CATEGORIES)
@@ -201,16 +204,16 @@ def format_report(facts: dict, wide: bool = False) -> str:
 
 
 _NARROW = 100  # columns of the default report
-_NAME_WIDTH = 28
-# (cell, header, width) of each column after the layer name; the narrow set fits in _NARROW.
+_MIN_NAME = 12  # the least of a layer name the narrow report shows
+# (cell, header) of each column after the layer name.
 _KIND_COLUMNS = (
-    ("kept", "kept", 9), ("encoding", "encoding", 10), ("bits", "bits", 4), ("k", "k", 3),
-    ("sparse", "sparse", 6), ("mask_encoding", "mask", 6),
+    ("kept", "kept"), ("encoding", "encoding"), ("bits", "bits"), ("k", "k"),
+    ("sparse", "sparse"), ("mask_encoding", "mask"),
 )
-_NARROW_COLUMNS = (("shape", "shape", 15), *_KIND_COLUMNS, ("bytes", "bytes", 8))
+_NARROW_COLUMNS = (("shape", "shape"), *_KIND_COLUMNS, ("bytes", "bytes"))
 _WIDE_COLUMNS = (
-    ("shapes", "shape before -> after", 30), *_KIND_COLUMNS,
-    *((c, c, 8) for c in CATEGORIES), ("bytes", "total", 8),
+    ("shapes", "shape before -> after"), *_KIND_COLUMNS, *((c, c) for c in CATEGORIES),
+    ("bytes", "total"),
 )
 
 
@@ -231,10 +234,10 @@ def _row_cells(r: dict) -> dict[str, str]:
     return cells | {c: str(r[c]) for c in CATEGORIES}
 
 
-def _line(cells: dict[str, str], columns: tuple, name_width: int) -> str:
+def _line(cells: dict[str, str], widths: dict[str, int], name_width: int) -> str:
     """One row: the layer name left-aligned (cut to ``name_width``), the columns right-aligned."""
     name = cells["layer"][:name_width]
-    return f"{name:{name_width}}" + "".join(f" {cells[key]:>{w}}" for key, _, w in columns)
+    return f"{name:{name_width}}" + "".join(f" {cells[key]:>{w}}" for key, w in widths.items())
 
 
 def _dims(shape: list[int]) -> str:
