@@ -1,14 +1,15 @@
 """The .mbz container codec (numpy and bitarray only; never imports torch).
 
 Writer: ``write_mbz`` / ``encode_mbz``; reader: ``read_mbz`` / ``decode_mbz``; the tensor objects
-both sides use: ``DenseTensor``, ``CodebookTensor``, ``UniformTensor``. SPEC.md is normative.
+both sides use: ``DenseTensor``, ``CodebookTensor``, ``UniformTensor``,
+``ScaledCodebookTensor``. SPEC.md is normative.
 """
 
 from .constants import Encoding, Entropy, SectionKind, Sparsity
 from .container import Layout, MbzFile, SectionInfo, decode_mbz, encode_mbz, read_mbz, write_mbz
 from .errors import MbzFormatError
 from .limits import DEFAULT_LIMITS, Limits
-from .tensors import CodebookTensor, DenseTensor, Tensor, UniformTensor
+from .tensors import CodebookTensor, DenseTensor, ScaledCodebookTensor, Tensor, UniformTensor
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -20,6 +21,7 @@ __all__ = [
     "Limits",
     "MbzFile",
     "MbzFormatError",
+    "ScaledCodebookTensor",
     "SectionInfo",
     "SectionKind",
     "Sparsity",

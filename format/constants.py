@@ -7,7 +7,7 @@ from enum import IntEnum
 
 MAGIC = b"\x89MBZ\r\n\x1a\n"
 VERSION_MAJOR = 1
-VERSION_MINOR = 1  # 1.1 added section kind 3 (zlib-compressed metadata)
+VERSION_MINOR = 2  # 1.1 added section kind 3 (zlib metadata); 1.2 the scaled_codebook encoding
 
 HEADER_SIZE = 64
 SECTION_ENTRY_SIZE = 32
@@ -47,6 +47,11 @@ class Encoding(IntEnum):
     F16 = 2
     CODEBOOK = 3
     UNIFORM = 4
+    SCALED_CODEBOOK = 5  # since 1.2: scale[c] * codebook[index], both float16
+
+
+# The first minor version that defines each encoding (as KIND_SINCE_MINOR for section kinds).
+ENCODING_SINCE_MINOR = {encoding: 0 for encoding in Encoding} | {Encoding.SCALED_CODEBOOK: 2}
 
 
 class Sparsity(IntEnum):
@@ -115,6 +120,7 @@ ENCODING_KEYS: dict[Encoding, tuple[str, ...]] = {
     Encoding.F16: (),
     Encoding.CODEBOOK: ("bits", "entropy", "k"),
     Encoding.UNIFORM: ("axis", "bits", "entropy"),
+    Encoding.SCALED_CODEBOOK: ("axis", "bits", "entropy", "k"),
 }
 CSR_KEYS = ("csr_bits", "csr_entries")
 

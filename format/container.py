@@ -18,6 +18,8 @@ import numpy as np
 
 from .constants import (
     DEFAULT_ALIGNMENT,
+    ENCODING_NAMES,
+    ENCODING_SINCE_MINOR,
     HEADER_FORMAT,
     HEADER_SIZE,
     KIND_SINCE_MINOR,
@@ -125,11 +127,12 @@ def encode_mbz(
         raise ValueError(f"metadata must not contain {TENSORS_KEY!r}: the writer adds it")
     if alignment < 1 or alignment > MAX_ALIGNMENT or alignment & (alignment - 1):
         raise ValueError(f"alignment must be a power of two in 1..{MAX_ALIGNMENT}")
-    table, bodies = {}, []
+    table, bodies, minor = {}, [], 0
     for index, (name, tensor) in enumerate(tensors.items(), start=1):
         descriptor, body = encode_tensor(name, tensor, index)
         table[name] = descriptor.to_json()
         bodies.append(body)
+        minor = max(minor, ENCODING_SINCE_MINOR[descriptor.encoding])
     meta = canonical_json({**metadata, TENSORS_KEY: table})
     if len(meta) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata is {len(meta)} bytes, above the {MAX_METADATA_BYTES} limit")
@@ -137,7 +140,7 @@ def encode_mbz(
     if compress_metadata:
         meta, kind = zlib.compress(meta, METADATA_ZLIB_LEVEL), SectionKind.METADATA_ZLIB
     kinds = [kind] + [SectionKind.TENSOR] * len(bodies)
-    return assemble(kinds, [meta, *bodies], alignment)
+    return assemble(kinds, [meta, *bodies], alignment, minor)
 
 
 def encode_tensor(name: str, tensor: Tensor, section: int) -> tuple[Descriptor, bytes]:
@@ -164,8 +167,12 @@ def encode_tensor(name: str, tensor: Tensor, section: int) -> tuple[Descriptor, 
     return descriptor, b"".join(data for _, data in parts)
 
 
-def assemble(kinds: list[SectionKind], bodies: list[bytes], alignment: int) -> bytes:
-    """A file from raw section bodies: header, table, aligned sections (used by tests, too)."""
+def assemble(
+    kinds: list[SectionKind], bodies: list[bytes], alignment: int, minor: int = 0
+) -> bytes:
+    """A file from raw section bodies: header, table, aligned sections (used by tests, too).
+    The header's minor version is the highest of ``minor`` (what the tensors' encodings need)
+    and what the section kinds need."""
     if len(bodies) > MAX_SECTIONS:
         raise ValueError(f"{len(bodies)} sections exceed the limit {MAX_SECTIONS}")
     cursor = HEADER_SIZE + SECTION_ENTRY_SIZE * len(bodies)
@@ -180,7 +187,7 @@ def assemble(kinds: list[SectionKind], bodies: list[bytes], alignment: int) -> b
         )
         cursor = offset + len(body)
     table = b"".join(entries)
-    minor = max(KIND_SINCE_MINOR[SectionKind(kind)] for kind in kinds)
+    minor = max(minor, *(KIND_SINCE_MINOR[SectionKind(kind)] for kind in kinds))
     head = struct.pack("<8sHHIQI", MAGIC, VERSION_MAJOR, minor, 0, cursor, len(bodies))
     crc = zlib.crc32(head + table)
     header = struct.pack(
@@ -249,12 +256,11 @@ def decode_mbz(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LI
     total) and against the densest encoding (SPEC.md section 9)."""
     view = memoryview(data).cast("B")
     minor, entries = _read_header_and_table(view)
-    strict = minor <= VERSION_MINOR
     _check_sections(view, entries, minor)
     if entries[0].kind not in METADATA_KINDS:
         raise MbzFormatError("section 0 must be the metadata (kind 1 or 3)")
     metadata = parse_json(_metadata_bytes(view, entries[0]))
-    descriptors = _descriptors(metadata, entries, strict)
+    descriptors = _descriptors(metadata, entries, minor)
     check_decoded_size((d.count for d in descriptors.values()), len(view), limits)
     tensors = {name: _decode_tensor(view, entries[d.section], d) for name, d in descriptors.items()}
     layout = _layout(entries, descriptors)
@@ -353,14 +359,20 @@ def _metadata_bytes(view: memoryview, entry: _Entry) -> bytes | memoryview:
     return data
 
 
-def _descriptors(metadata: dict, entries: list[_Entry], strict: bool) -> dict[str, Descriptor]:
-    """Validate the tensor table: every tensor section referenced exactly once, parts fit."""
+def _descriptors(metadata: dict, entries: list[_Entry], minor: int) -> dict[str, Descriptor]:
+    """Validate the tensor table: every tensor section referenced exactly once, encodings the
+    file's version defines, parts that fit."""
     table = metadata.pop(TENSORS_KEY, None)
     if not isinstance(table, dict):
         raise MbzFormatError("metadata has no 'tensors' object")
     descriptors, owners = {}, {}
     for name, obj in table.items():
-        desc = parse_descriptor(name, obj, strict)
+        desc = parse_descriptor(name, obj, strict=minor <= VERSION_MINOR)
+        if ENCODING_SINCE_MINOR[desc.encoding] > minor:
+            raise MbzFormatError(
+                f"tensor {name!r}: encoding {ENCODING_NAMES[desc.encoding]!r} needs version "
+                f"1.{ENCODING_SINCE_MINOR[desc.encoding]} or newer, the file says 1.{minor}"
+            )
         if desc.section >= len(entries) or entries[desc.section].kind != SectionKind.TENSOR:
             raise MbzFormatError(f"tensor {name!r}: section {desc.section} is not a tensor section")
         if desc.section in owners:

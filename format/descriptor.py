@@ -119,13 +119,13 @@ def _with_encoding_fields(desc: Descriptor, obj: dict, where: str) -> Descriptor
         return desc
     bits = _int(obj, "bits", MIN_BITS, MAX_BITS, where)
     entropy = _enum(obj, "entropy", _ENTROPIES, where)
-    if desc.encoding == Encoding.CODEBOOK:
+    k = None
+    if desc.encoding in (Encoding.CODEBOOK, Encoding.SCALED_CODEBOOK):
         k = _int(obj, "k", 1, min(MAX_CODEBOOK, 2**bits), where)
-        return _replace(desc, bits=bits, entropy=entropy, k=k)
-    axis = obj.get("axis")
-    if axis is not None:
+    axis = obj.get("axis") if "axis" in ENCODING_KEYS[desc.encoding] else None
+    if axis is not None or desc.encoding == Encoding.SCALED_CODEBOOK:
         axis = _int(obj, "axis", 0, len(desc.shape) - 1, where)
-    return _replace(desc, bits=bits, entropy=entropy, axis=axis)
+    return _replace(desc, bits=bits, entropy=entropy, k=k, axis=axis)
 
 
 def _replace(desc: Descriptor, **changes: object) -> Descriptor:

@@ -26,7 +26,7 @@ from .constants import (
 from .descriptor import Descriptor
 from .errors import MbzFormatError
 from .huffman import check_lengths, code_lengths, huffman_decode, huffman_encode
-from .tensors import CodebookTensor, DenseTensor, Tensor, UniformTensor
+from .tensors import CodebookTensor, DenseTensor, ScaledCodebookTensor, Tensor, UniformTensor
 
 Parts = list[tuple[str, bytes]]
 PartSizes = list[tuple[str, int | None]]  # None: a variable-length (Huffman) stream
@@ -134,13 +134,63 @@ class UniformCodec:
         )
 
 
-Codec = DenseCodec | CodebookCodec | UniformCodec
+@dataclass(frozen=True)
+class ScaledCodebookCodec:
+    """scaled_codebook: C float16 scales, k float16 centroids, then the index stream."""
+
+    encoding: Encoding = Encoding.SCALED_CODEBOOK
+
+    def encode(self, tensor: ScaledCodebookTensor, keep: np.ndarray | None) -> tuple[dict, Parts]:
+        """Descriptor fields and parts of a scaled codebook tensor."""
+        entropy, stream = encode_stream(
+            _kept(tensor.indices, keep), tensor.bits, tensor.entropy, PART_INDICES
+        )
+        parts = [
+            (PART_SCALE, tensor.scale.astype("<f2").tobytes()),
+            (PART_CODEBOOK, tensor.codebook.astype("<f2").tobytes()),
+            *stream,
+        ]
+        fields = {"bits": tensor.bits, "k": tensor.codebook.size, "axis": tensor.axis}
+        return {**fields, "entropy": entropy}, parts
+
+    def part_sizes(self, desc: Descriptor) -> PartSizes:
+        """The parts a descriptor implies, with their exact lengths."""
+        return [
+            (PART_SCALE, 2 * _channels(desc)),
+            (PART_CODEBOOK, 2 * desc.k),
+            *stream_sizes(desc, PART_INDICES),
+        ]
+
+    def decode(
+        self, desc: Descriptor, parts: dict, keep: np.ndarray | None
+    ) -> ScaledCodebookTensor:
+        """Rebuild the tensor from its parts."""
+        scale = np.frombuffer(parts[PART_SCALE], "<f2").astype(np.float16)
+        if not (np.isfinite(scale) & (scale > 0)).all():
+            raise MbzFormatError("a scale is not finite and > 0")
+        codebook = np.frombuffer(parts[PART_CODEBOOK], "<f2").astype(np.float16)
+        if not np.isfinite(codebook).all():
+            raise MbzFormatError("codebook holds a NaN or infinity")
+        indices = decode_stream(desc, parts, PART_INDICES, desc.k)
+        return ScaledCodebookTensor(
+            codebook=codebook,
+            scale=scale,
+            indices=_scatter(indices, desc, keep),
+            bits=desc.bits,
+            axis=desc.axis if desc.axis is not None else 0,
+            mask=_full_mask(desc, keep),
+            entropy=desc.entropy,
+        )
+
+
+Codec = DenseCodec | CodebookCodec | UniformCodec | ScaledCodebookCodec
 
 CODECS: dict[Encoding, Codec] = {
     Encoding.F32: DenseCodec(Encoding.F32, "<f4"),
     Encoding.F16: DenseCodec(Encoding.F16, "<f2"),
     Encoding.CODEBOOK: CodebookCodec(),
     Encoding.UNIFORM: UniformCodec(),
+    Encoding.SCALED_CODEBOOK: ScaledCodebookCodec(),
 }
 
 
@@ -148,6 +198,8 @@ def encoding_of(tensor: Tensor) -> Encoding:
     """The encoding id the writer uses for a (validated) tensor object."""
     if isinstance(tensor, CodebookTensor):
         return Encoding.CODEBOOK
+    if isinstance(tensor, ScaledCodebookTensor):
+        return Encoding.SCALED_CODEBOOK
     if isinstance(tensor, UniformTensor):
         return Encoding.UNIFORM
     return Encoding.F16 if tensor.values.dtype == np.float16 else Encoding.F32

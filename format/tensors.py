@@ -57,15 +57,7 @@ class CodebookTensor:
         _check_array("codebook", self.codebook, (np.float32,), ndim=1)
         _check_array("indices", self.indices, (np.uint8,))
         _check_mask(self.mask, self.shape)
-        k = self.codebook.size
-        if not 1 <= k <= min(MAX_CODEBOOK, 2**self.bits):
-            raise ValueError(
-                f"codebook has {k} entries; needs 1..{min(MAX_CODEBOOK, 2**self.bits)}"
-            )
-        if not np.isfinite(self.codebook).all():
-            raise ValueError("codebook entries must be finite")
-        if _kept(self.indices, self.mask).max(initial=0) >= k:
-            raise ValueError(f"an index is >= k = {k}")
+        _check_centroids(self.codebook, self.bits, _kept(self.indices, self.mask))
 
     def decode(self) -> np.ndarray:
         """The float32 array (0.0 at pruned positions)."""
@@ -101,10 +93,8 @@ class UniformTensor:
         _check_entropy(self.entropy)
         _check_array("qdata", self.qdata, (np.uint8,))
         _check_mask(self.mask, self.shape)
-        if self.axis is not None and not (
-            isinstance(self.axis, int) and 0 <= self.axis < self.qdata.ndim
-        ):
-            raise ValueError(f"axis {self.axis!r} is not None or in [0, {self.qdata.ndim})")
+        if self.axis is not None:
+            _check_axis(self.axis, self.qdata.ndim)
         _check_array("scale", self.scale, (np.float32,), shape=(self.channels,))
         _check_array("zero_point", self.zero_point, (np.uint8,), shape=(self.channels,))
         if not (np.isfinite(self.scale) & (self.scale > 0)).all():
@@ -127,7 +117,49 @@ class UniformTensor:
         return _apply_mask(values.astype(np.float32), self.mask)
 
 
-Tensor = DenseTensor | CodebookTensor | UniformTensor
+@dataclass(eq=False)
+class ScaledCodebookTensor:
+    """One codebook for the layer, scaled per channel: ``decode() = scale[c] * codebook[indices]``
+    computed in float32 from the float16 ``scale`` and ``codebook``, ``c`` the index along
+    ``axis``. It keeps a shared codebook useful after BatchNorm folding has given every output
+    channel its own range."""
+
+    codebook: np.ndarray
+    scale: np.ndarray
+    indices: np.ndarray
+    bits: int
+    axis: int = 0
+    mask: np.ndarray | None = None
+    entropy: Entropy | None = Entropy.FIXED
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensor's full shape."""
+        return tuple(int(d) for d in self.indices.shape)
+
+    def validate(self) -> None:
+        """Raise if this tensor cannot be written."""
+        _check_bits(self.bits)
+        _check_entropy(self.entropy)
+        _check_array("codebook", self.codebook, (np.float16,), ndim=1)
+        _check_array("indices", self.indices, (np.uint8,))
+        _check_mask(self.mask, self.shape)
+        _check_axis(self.axis, self.indices.ndim)
+        _check_array("scale", self.scale, (np.float16,), shape=(self.shape[self.axis],))
+        if not (np.isfinite(self.scale) & (self.scale > 0)).all():
+            raise ValueError("every scale must be finite and > 0")
+        _check_centroids(self.codebook, self.bits, _kept(self.indices, self.mask))
+
+    def decode(self) -> np.ndarray:
+        """The float32 array (0.0 at pruned positions): ``float32(scale) * float32(centroid)``."""
+        view = [1] * self.indices.ndim
+        view[self.axis] = self.scale.size
+        centroids = self.codebook.astype(np.float32)[_kept_or_zero(self.indices, self.mask)]
+        values = self.scale.astype(np.float32).reshape(view) * centroids
+        return _apply_mask(values.astype(np.float32), self.mask)
+
+
+Tensor = DenseTensor | CodebookTensor | UniformTensor | ScaledCodebookTensor
 
 
 def _apply_mask(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -166,6 +198,21 @@ def _check_array(
         raise ValueError(f"{name} must have {ndim} dimension(s), got shape {array.shape}")
     if shape is not None and array.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {array.shape}")
+
+
+def _check_axis(axis: object, ndim: int) -> None:
+    if not (isinstance(axis, int) and not isinstance(axis, bool) and 0 <= axis < ndim):
+        raise ValueError(f"axis {axis!r} is not an int in [0, {ndim})")
+
+
+def _check_centroids(codebook: np.ndarray, bits: int, indices: np.ndarray) -> None:
+    k = codebook.size
+    if not 1 <= k <= min(MAX_CODEBOOK, 2**bits):
+        raise ValueError(f"codebook has {k} entries; needs 1..{min(MAX_CODEBOOK, 2**bits)}")
+    if not np.isfinite(codebook).all():
+        raise ValueError("codebook entries must be finite")
+    if indices.max(initial=0) >= k:
+        raise ValueError(f"an index is >= k = {k}")
 
 
 def _check_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> None:

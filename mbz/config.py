@@ -16,6 +16,7 @@ GROUPS = ("conv", "fc", "dw", "pw", "first")
 DEFAULT_BITS = {"conv": 4, "fc": 4}  # what --bits rules overlay: every conv and linear layer
 METHODS = ("kmeans", "uniform")
 PRUNE_MODES = ("channel", "weight")
+CODEBOOK_KINDS = ("auto", "scaled", "plain")  # --codebook: which codebook --method kmeans fits
 # Activation points (SPEC.md section 7): the network input, every relu/relu6 output, every
 # residual add output, and every projection conv output that ends a block without a residual.
 ACT_GROUPS = ("input", "relu", "add", "proj")
@@ -213,6 +214,7 @@ class PackConfig:
     mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
     kmeans_iters: int = 30
+    codebook: str = "auto"  # kmeans: scaled (SPEC 3.6), plain (3.3), auto: the smaller error
     act_bits: dict[str, int] = field(default_factory=dict)  # empty: float activations
     calib: str = "mse"
     calib_images: int = 256
@@ -232,6 +234,8 @@ class PackConfig:
         """Raise ValueError naming the first invalid field."""
         if self.method not in METHODS:
             raise ValueError(f"method '{self.method}': choose one of {', '.join(METHODS)}")
+        if self.codebook not in CODEBOOK_KINDS:
+            raise ValueError(f"codebook '{self.codebook}': choose {', '.join(CODEBOOK_KINDS)}")
         if self.prune_mode not in PRUNE_MODES:
             raise ValueError(f"prune mode '{self.prune_mode}': choose {' or '.join(PRUNE_MODES)}")
         if not 0.0 <= self.prune < 1.0:

@@ -34,6 +34,7 @@ METHODS: dict[Encoding, str] = {
     Encoding.F16: FLOAT_METHOD,
     Encoding.CODEBOOK: "kmeans",
     Encoding.UNIFORM: "uniform",
+    Encoding.SCALED_CODEBOOK: "kmeans",
 }
 
 

@@ -30,7 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from mbz.format import CodebookTensor, DenseTensor, Encoding, Tensor, UniformTensor
+from mbz.format import (
+    CodebookTensor,
+    DenseTensor,
+    Encoding,
+    ScaledCodebookTensor,
+    Tensor,
+    UniformTensor,
+)
 from mbz.format.encodings import encoding_of
 from mbz.graph_ops import weight_nodes
 from mbz.torch_graph import GraphModule
@@ -138,6 +145,51 @@ class CodebookWeight(nn.Module):
         )
 
 
+class ScaledCodebookWeight(CodebookWeight):
+    """``scale[c] * codebook[indices]`` (SPEC.md 3.6): trainable centroids, rounded to float16
+    in the forward pass (straight through), fixed per-channel float16 scales and indices.
+
+    A centroid's gradient is ``sum(scale_i * g_i)`` over its weights; it is divided by
+    ``sum(scale_i**2)``, so one step moves the centroid to the least-squares fit of the weights'
+    own steps (with a plain mean, a centroid of channels scaled by 0.1 would learn 100x slower
+    than its weights)."""
+
+    scale: torch.Tensor
+
+    def __init__(self, tensor: ScaledCodebookTensor) -> None:
+        super().__init__(tensor)  # type: ignore[arg-type]
+        view = [1] * tensor.indices.ndim
+        view[tensor.axis] = tensor.scale.size
+        scale = tensor.scale.astype(np.float64).reshape(view)
+        squares = np.broadcast_to(scale**2, tensor.indices.shape)
+        keep = np.ones(tensor.indices.shape, bool) if tensor.mask is None else tensor.mask
+        energy = np.bincount(
+            tensor.indices[keep], weights=squares[keep], minlength=tensor.codebook.size
+        )
+        share = 1.0 / np.where(energy > 0, energy, 1.0)
+        self.share.copy_(torch.from_numpy(share).float())
+        self.register_buffer("scale", torch.from_numpy(scale.astype(np.float32)))
+
+    def forward(self) -> torch.Tensor:
+        """The decoded weight, exactly as SPEC.md 3.6 computes it in float32."""
+        rounded = straight_through(self.codebook.half().float(), self.codebook)
+        codebook = scaled_gradient(rounded, self.share)
+        return _masked(self.scale * codebook[self.indices], self.mask)
+
+    def export(self, template: ScaledCodebookTensor) -> ScaledCodebookTensor:  # type: ignore[override]
+        """``template`` (scales, indices, bits, mask, entropy coding) with the fine-tuned
+        codebook, as float16."""
+        return ScaledCodebookTensor(
+            codebook=self.codebook.detach().cpu().numpy().astype(np.float16),
+            scale=template.scale,
+            indices=template.indices,
+            bits=template.bits,
+            axis=template.axis,
+            mask=template.mask,
+            entropy=template.entropy,
+        )
+
+
 class UniformWeight(nn.Module):
     """LSQ fake quantization ``(clamp(round(w / s) + z, 0, 2^bits - 1) - z) * s`` of trainable
     float weights ``w``, learnable scales ``s`` and fixed integer zero points ``z``."""
@@ -208,6 +260,9 @@ class Trainable:
 TRAINABLE: dict[Encoding, Trainable] = {
     Encoding.CODEBOOK: Trainable(lambda _, t: CodebookWeight(t), "k-means centroid fine-tuning"),
     Encoding.UNIFORM: Trainable(UniformWeight, "uniform QAT (LSQ scales)"),
+    Encoding.SCALED_CODEBOOK: Trainable(
+        lambda _, t: ScaledCodebookWeight(t), "scaled k-means centroid fine-tuning"
+    ),
     Encoding.F16: Trainable(lambda v, t: FloatWeight(v, t.mask, float16=True), "float16 weights"),
     Encoding.F32: Trainable(lambda v, t: FloatWeight(v, t.mask), None),
 }

@@ -13,7 +13,15 @@ import numpy as np
 
 from mbz.config import PackConfig
 from mbz.encodings import weight_encoding
-from mbz.format import CodebookTensor, DenseTensor, Encoding, Entropy, Tensor, UniformTensor
+from mbz.format import (
+    CodebookTensor,
+    DenseTensor,
+    Encoding,
+    Entropy,
+    ScaledCodebookTensor,
+    Tensor,
+    UniformTensor,
+)
 
 
 @dataclass(frozen=True)
@@ -26,17 +34,22 @@ class Coding:
     per_channel: bool = True  # uniform: one scale per output channel
     huffman: bool = False  # index streams Huffman-coded when that is smaller
     kmeans_iters: int = 30  # codebook: Lloyd iterations
+    codebook: str = "auto"  # kmeans: scaled, plain, or auto (scaled unless plain errs less)
 
     @classmethod
     def of(cls, config: PackConfig, bits: int) -> Coding:
         """The coding ``config`` gives a weight of ``bits`` bits."""
+        encoding = weight_encoding(bits, config.method)
+        if encoding == Encoding.CODEBOOK and config.codebook != "plain":
+            encoding = Encoding.SCALED_CODEBOOK
         return cls(
-            weight_encoding(bits, config.method),
+            encoding,
             bits,
             config.symmetric,
             config.per_channel,
             config.huffman,
             config.kmeans_iters,
+            config.codebook,
         )
 
     @property
@@ -48,24 +61,31 @@ class Coding:
 Encoder = Callable[[np.ndarray, Coding, np.ndarray | None], Tensor]
 
 
-def kmeans_1d(values: np.ndarray, k: int, iters: int = 30) -> np.ndarray:
-    """Lloyd's k-means on scalars with linear initialisation (Deep Compression).
+def kmeans_1d(
+    values: np.ndarray, k: int, iters: int = 30, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """Lloyd's k-means on scalars with linear initialisation (Deep Compression), each value
+    counted ``weights`` times (all once by default): it minimises ``sum(weights * error**2)``.
 
     Works on the sorted values with prefix sums, so one iteration costs O(k log n).
     Returns sorted float32 centroids: ``k``, or fewer when there are fewer distinct values.
     """
-    v = np.sort(values.astype(np.float64).ravel())
+    flat = values.astype(np.float64).ravel()
+    order = np.argsort(flat, kind="stable")
+    v = flat[order]
+    w = np.ones_like(v) if weights is None else weights.astype(np.float64).ravel()[order]
     distinct = np.unique(v)
     if distinct.size <= k:
         return distinct.astype(np.float32)
-    prefix = np.concatenate([[0.0], np.cumsum(v)])
+    mass = np.concatenate([[0.0], np.cumsum(w)])
+    moment = np.concatenate([[0.0], np.cumsum(w * v)])
     centroids = np.linspace(v[0], v[-1], k)
     for _ in range(iters):
         bounds = np.searchsorted(v, (centroids[1:] + centroids[:-1]) / 2)
         edges = np.concatenate([[0], bounds, [v.size]])
-        counts = np.diff(edges)
-        sums = prefix[edges[1:]] - prefix[edges[:-1]]
-        updated = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+        counts = mass[edges[1:]] - mass[edges[:-1]]
+        sums = moment[edges[1:]] - moment[edges[:-1]]
+        updated = np.where(counts > 0, sums / np.where(counts > 0, counts, 1), centroids)
         updated.sort()
         if np.array_equal(updated, centroids):
             break
@@ -90,6 +110,50 @@ def codebook_quantize(
     if mask is not None:
         indices[~mask] = 0
     return CodebookTensor(codebook=centroids, indices=indices, bits=bits, mask=mask)
+
+
+F16_TINY = float(np.finfo(np.float16).smallest_subnormal)
+F16_MAX = float(np.finfo(np.float16).max)
+
+
+def scaled_codebook_quantize(
+    weight: np.ndarray,
+    bits: int,
+    mask: np.ndarray | None = None,
+    iters: int = 30,
+    importance: np.ndarray | None = None,
+) -> ScaledCodebookTensor | None:
+    """One k-means codebook for the layer over each output channel divided by its own scale
+    (its largest kept magnitude, as float16): ``w ~ scale[c] * codebook[index]`` (SPEC.md 3.6).
+
+    The values are weighted by ``scale[c]**2`` times ``importance`` (default 1), so the error
+    minimised is the weight's own. None when a scale does not fit float16."""
+    rows = weight.reshape(weight.shape[0], -1).astype(np.float32)
+    keep = np.ones(rows.shape, bool) if mask is None else mask.reshape(rows.shape)
+    peak = np.where(keep, np.abs(rows), 0).max(axis=1, initial=0.0)
+    if peak.max(initial=0.0) > F16_MAX:
+        return None
+    scale = np.maximum(peak, F16_TINY).astype(np.float16)
+    scale = np.where(scale > 0, scale, np.float16(F16_TINY))  # a peak that rounded down to 0
+    normalised = rows / scale.astype(np.float32)[:, None]
+    weights = np.broadcast_to(scale.astype(np.float64)[:, None] ** 2, rows.shape)
+    if importance is not None:
+        weights = weights * importance.reshape(rows.shape)
+    source, counts = (normalised[keep], weights[keep]) if keep.any() else (np.zeros(1), None)
+    codebook = kmeans_1d(source, 2**bits, iters, counts).astype(np.float16)
+    codebook = np.unique(codebook)  # float16 rounding may merge centroids
+    indices = nearest_index(normalised, codebook.astype(np.float32)).reshape(weight.shape)
+    if mask is not None:
+        indices[~mask] = 0
+    return ScaledCodebookTensor(
+        codebook=codebook, scale=scale, indices=indices, bits=bits, axis=0, mask=mask
+    )
+
+
+def weighted_error(weight: np.ndarray, tensor: Tensor, importance: np.ndarray | None) -> float:
+    """``sum(importance * (weight - decoded)**2)``, importance 1 by default."""
+    error = (weight.astype(np.float64) - tensor.decode()) ** 2
+    return float(error.sum() if importance is None else (importance * error).sum())
 
 
 def _channel_view(weight: np.ndarray, mask: np.ndarray | None, per_channel: bool):
@@ -148,6 +212,23 @@ def _encode_codebook(weight: np.ndarray, coding: Coding, mask: np.ndarray | None
     return tensor
 
 
+def _encode_scaled_codebook(
+    weight: np.ndarray, coding: Coding, mask: np.ndarray | None
+) -> Tensor:
+    """The scaled codebook; a plain one when a scale does not fit float16, or (``auto``) when
+    the plain one's error is smaller."""
+    candidates: list[Tensor | None] = [
+        scaled_codebook_quantize(weight, coding.bits, mask, coding.kmeans_iters)
+    ]
+    if candidates[0] is None or coding.codebook == "auto":
+        candidates.append(codebook_quantize(weight, coding.bits, mask, coding.kmeans_iters))
+    tensor = min(
+        (c for c in candidates if c is not None), key=lambda t: weighted_error(weight, t, None)
+    )
+    tensor.entropy = coding.entropy  # type: ignore[union-attr]
+    return tensor
+
+
 def _encode_uniform(weight: np.ndarray, coding: Coding, mask: np.ndarray | None) -> Tensor:
     tensor = uniform_quantize(
         weight, coding.bits, symmetric=coding.symmetric, per_channel=coding.per_channel, mask=mask
@@ -168,6 +249,7 @@ ENCODERS: dict[Encoding, Encoder] = {
     Encoding.F16: _encode_float(np.float16),
     Encoding.CODEBOOK: _encode_codebook,
     Encoding.UNIFORM: _encode_uniform,
+    Encoding.SCALED_CODEBOOK: _encode_scaled_codebook,
 }
 
 

@@ -44,7 +44,14 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from mbz.format import CodebookTensor, DenseTensor, MbzFile, Tensor, UniformTensor
+from mbz.format import (
+    CodebookTensor,
+    DenseTensor,
+    MbzFile,
+    ScaledCodebookTensor,
+    Tensor,
+    UniformTensor,
+)
 from mbz.format.bits import pack_bits
 from mbz.format.limits import DEFAULT_LIMITS, Limits
 
@@ -111,7 +118,11 @@ def _decode_dense(b: _Builder, name: str, tensor: DenseTensor, kept: np.ndarray,
 
 
 def _decode_codebook(
-    b: _Builder, name: str, tensor: CodebookTensor, kept: np.ndarray, out: str
+    b: _Builder,
+    name: str,
+    tensor: CodebookTensor | ScaledCodebookTensor,
+    kept: np.ndarray,
+    out: str,
 ) -> str:
     """``codebook[indices]``, the indices cast to int32 (Gather takes no unsigned indices)."""
     indices = b.codes(f"{name}:indices", kept, tensor.bits)
@@ -190,15 +201,25 @@ def _decode_weight(b: _Builder, name: str, tensor: Tensor, dense: bool) -> str:
         return b.constant(out, tensor.decode())
     if isinstance(tensor, UniformTensor):
         return _decode_uniform(b, out, tensor, out)
-    if isinstance(tensor, CodebookTensor):
-        decode, stored = _decode_codebook, tensor.indices
-    else:
-        decode, stored = _decode_dense, tensor.values
+    if isinstance(tensor, ScaledCodebookTensor):
+        unscaled = _decode_stored(b, out, tensor, tensor.indices, f"{out}:unscaled")
+        view = [1] * len(tensor.shape)
+        view[tensor.axis] = -1
+        scale = b.constant(f"{out}:scale", tensor.scale.astype(F32).reshape(view))
+        return b.op("Mul", [unscaled, scale], out)
+    stored = tensor.indices if isinstance(tensor, CodebookTensor) else tensor.values
+    return _decode_stored(b, out, tensor, stored, out)
+
+
+def _decode_stored(b: _Builder, name: str, tensor: Tensor, stored: np.ndarray, out: str) -> str:
+    """The stored values (codebook indices or floats) decoded to ``out``, put in place with
+    zeros at pruned positions when the tensor is sparse."""
+    decode = _decode_dense if isinstance(tensor, DenseTensor) else _decode_codebook
     if tensor.mask is None:
-        return decode(b, out, tensor, stored, out)
-    values = decode(b, out, tensor, stored[tensor.mask], f"{out}:kept")
-    _, index = _gather_index(b, out, tensor.mask)
-    return _expand(b, out, values, index, tensor.shape, F32, out)
+        return decode(b, name, tensor, stored, out)  # type: ignore[arg-type]
+    values = decode(b, name, tensor, stored[tensor.mask], f"{name}:kept")  # type: ignore[arg-type]
+    _, index = _gather_index(b, name, tensor.mask)
+    return _expand(b, name, values, index, tensor.shape, F32, out)
 
 
 # ---------------------------------------------------------------------------------- graph ops

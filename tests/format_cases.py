@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from mbz.format import CodebookTensor, DenseTensor, Entropy, UniformTensor
+from mbz.format import (
+    CodebookTensor,
+    DenseTensor,
+    Entropy,
+    ScaledCodebookTensor,
+    UniformTensor,
+)
 
 
 def random_tensor(
@@ -16,7 +22,8 @@ def random_tensor(
     entropy: Entropy | None = Entropy.FIXED,
     per_channel: bool = False,
 ):
-    """A valid tensor of ``kind`` (f32, f16, codebook, uniform); ``density`` None: not sparse."""
+    """A valid tensor of ``kind`` (an encoding's name; scaled_codebook needs a non-empty shape);
+    ``density`` None: not sparse."""
     mask = None if density is None else rng.random(shape) < density
     if kind in ("f32", "f16"):
         values = rng.standard_normal(shape).astype(np.float32 if kind == "f32" else np.float16)
@@ -27,6 +34,12 @@ def random_tensor(
         codebook = np.sort(rng.standard_normal(k)).astype(np.float32)
         indices = rng.integers(0, k, shape).astype(np.uint8)
         return CodebookTensor(codebook, indices, bits, mask=mask, entropy=entropy)
+    if kind == "scaled_codebook":
+        k = int(rng.integers(1, levels + 1))
+        codebook = np.sort(rng.uniform(-1, 1, k)).astype(np.float16)
+        scale = rng.uniform(1e-3, 4.0, shape[0]).astype(np.float16)
+        indices = rng.integers(0, k, shape).astype(np.uint8)
+        return ScaledCodebookTensor(codebook, scale, indices, bits, mask=mask, entropy=entropy)
     axis = 0 if per_channel and shape else None
     channels = shape[0] if axis == 0 else 1
     return UniformTensor(
@@ -74,6 +87,17 @@ def golden_cases() -> dict[str, tuple[dict, dict]]:
                 )
             },
             {"w": [[-2.0, 0.0, -0.5], [0.0, 0.0, 1.0]]},
+        ),
+        "scaled_codebook": (
+            {
+                "w": ScaledCodebookTensor(
+                    np.array([-1.0, 0.0, 0.5, 1.0], np.float16),
+                    np.array([2.0, 0.25], np.float16),
+                    idx,
+                    2,
+                )
+            },
+            {"w": [[-2.0, 0.0, 1.0], [0.25, 0.125, 0.0]]},
         ),
         "codebook_huffman_csr": (
             {

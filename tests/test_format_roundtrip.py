@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mbz.format import Entropy, decode_mbz, encode_mbz, write_mbz
+from mbz.format import Encoding, Entropy, decode_mbz, encode_mbz, write_mbz
 from mbz.format.bits import pack_bits, unpack_bits
 from mbz.format.constants import Sparsity
 from mbz.format.huffman import code_lengths, huffman_decode, huffman_encode
@@ -20,7 +20,7 @@ entropies = st.sampled_from([Entropy.FIXED, Entropy.HUFFMAN, None])
 
 @settings(max_examples=150, deadline=None)
 @given(
-    kind=st.sampled_from(["f32", "f16", "codebook", "uniform"]),
+    kind=st.sampled_from([e.name.lower() for e in Encoding]),
     shape=shapes,
     bits=st.integers(1, 8),
     density=densities,

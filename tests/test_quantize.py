@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from mbz.config import PackConfig
-from mbz.format import CodebookTensor, DenseTensor, Encoding, Entropy, UniformTensor
+from mbz.format import (
+    CodebookTensor,
+    DenseTensor,
+    Encoding,
+    Entropy,
+    ScaledCodebookTensor,
+    UniformTensor,
+)
 from mbz.quantize import Coding, kmeans_1d, quantize_weight, uniform_quantize
 from tests.helpers import sqnr_db
 
@@ -89,4 +96,49 @@ def test_pack_options_reach_the_uniform_encoder(weight):
     tensor = coded(weight, 4, method="uniform", symmetric=True, per_channel=False)
     assert isinstance(tensor, UniformTensor) and tensor.axis is None
     assert tensor.scale.shape == (1,) and tensor.zero_point.tolist() == [8]
-    assert isinstance(coded(weight, 4, method="kmeans"), CodebookTensor)
+    assert isinstance(coded(weight, 4, method="kmeans", codebook="plain"), CodebookTensor)
+    assert isinstance(coded(weight, 4, method="kmeans", codebook="scaled"), ScaledCodebookTensor)
+
+
+def uneven_channels(seed: int = 0) -> np.ndarray:
+    """A conv weight whose output channels span 100x in scale, as BatchNorm folding makes."""
+    rng = np.random.default_rng(seed)
+    gains = np.exp(rng.uniform(-2.3, 2.3, 64)).astype(np.float32)
+    return (rng.standard_normal((64, 16, 3, 3)) * gains[:, None, None, None]).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_a_scaled_codebook_beats_a_plain_one_on_uneven_channels(bits):
+    w = uneven_channels()
+    plain = coded(w, bits, method="kmeans", codebook="plain").decode()
+    scaled = coded(w, bits, method="kmeans", codebook="scaled").decode()
+    # per channel, relative to its own size: what the next layer's inputs see after BN
+    per_channel = [sqnr_db(w[c], scaled[c]) - sqnr_db(w[c], plain[c]) for c in range(64)]
+    assert np.median(per_channel) > 3.0
+    assert sqnr_db(w, scaled) > sqnr_db(w, plain)
+
+
+def test_auto_keeps_the_codebook_with_the_smaller_error():
+    w = uneven_channels(1)
+    auto = coded(w, 3, method="kmeans", codebook="auto")
+    options = [coded(w, 3, method="kmeans", codebook=kind) for kind in ("plain", "scaled")]
+    errors = [float(((w - t.decode()) ** 2).sum()) for t in options]
+    assert np.array_equal(auto.decode(), options[int(np.argmin(errors))].decode())
+    # one channel far wider than float16 holds: only a plain codebook can store it
+    huge = w.copy()
+    huge[0] *= 1e6
+    assert isinstance(coded(huge, 3, method="kmeans", codebook="scaled"), CodebookTensor)
+
+
+def test_weighted_kmeans_lowers_the_weighted_error():
+    rng = np.random.default_rng(2)
+    values = rng.standard_normal(4000)
+    importance = np.where(np.abs(values) > 1.5, 50.0, 1.0)
+    plain, weighted = kmeans_1d(values, 8), kmeans_1d(values, 8, weights=importance)
+
+    def cost(centroids):
+        nearest = centroids[np.abs(values[:, None] - centroids[None]).argmin(1)]
+        return float((importance * (values - nearest) ** 2).sum())
+
+    assert cost(weighted) < 0.9 * cost(plain)
+    assert np.array_equal(kmeans_1d(values, 8, weights=np.ones(4000)), plain)

@@ -5,13 +5,14 @@ covering every encoding and each entry producing, decoding and training exactly 
 from __future__ import annotations
 
 import ast
+import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mbz.config import FLOAT_BITS, METHODS, PackConfig
+from mbz.config import CODEBOOK_KINDS, FLOAT_BITS, METHODS, PackConfig
 from mbz.encodings import METHODS as ENCODING_METHODS
 from mbz.encodings import weight_encoding
 from mbz.format import Encoding, decode_mbz, encode_mbz
@@ -45,12 +46,12 @@ def test_the_torch_graph_runs_exactly_the_graph_ops():
 
 
 def pack_choices() -> dict[Encoding, Coding]:
-    """One coding per encoding that a pack configuration can ask for (bits x method)."""
+    """One coding per encoding that a pack configuration can ask for (bits x method x
+    codebook kind)."""
     choices = {}
-    for method in METHODS:
-        for bits in (*FLOAT_BITS, 3):
-            coding = Coding.of(PackConfig(method=method), bits)
-            choices.setdefault(coding.encoding, coding)
+    for method, bits, codebook in itertools.product(METHODS, (*FLOAT_BITS, 3), CODEBOOK_KINDS):
+        coding = Coding.of(PackConfig(method=method, codebook=codebook), bits)
+        choices.setdefault(coding.encoding, coding)
     return choices
 
 
