@@ -21,6 +21,7 @@ from mbz.commands.params import (
 from mbz.config import (
     ACT_GROUPS,
     CALIB_METHODS,
+    CODEBOOK_KINDS,
     DEFAULT_BITS,
     GROUPS,
     METHODS,
@@ -49,6 +50,11 @@ _PACK_FLAGS: dict[str, Flag] = {
         "kmeans: a per-layer codebook of 2^bits centroids (Deep Compression, linear init); "
         "uniform: integer codes with a scale and zero point.",
         click.Choice(METHODS),
+    ),
+    "codebook": Flag(
+        "--method kmeans only: which codebook to fit per layer: scaled (SPEC 3.6), plain "
+        "(SPEC 3.3), or auto, the one with the smaller error.",
+        click.Choice(CODEBOOK_KINDS),
     ),
     "prune": Flag(
         "Fraction of conv and linear weights to remove.",
