@@ -3,9 +3,10 @@
 Run: python examples/fuzz.py [--cases 100000] [--seed 0] [--out runs/fuzz]
 (one core; a few ms per case). Every case is one mutation of a small valid file (a hand-built
 CNN with conv, depthwise, pointwise, batchnorm, residual add, both poolings, linear and, in some
-files, quantized activations; its weights in one of the encodings: f32, f16, codebook, uniform
-per tensor or per channel, fixed-width or Huffman, dense, bitmap or CSR). The mutated file is
-re-assembled with correct CRCs, so that it reaches past the container checks, then read
+files, quantized activations; its weights in one of the encodings: f32, f16, codebook, scaled
+codebook, uniform per tensor or per channel, fixed-width or Huffman, dense, bitmap or CSR). The
+mutated file is re-assembled with correct CRCs, so that it reaches past the container checks,
+then read
 (``decode_mbz``), loaded (``load_program``), run on one image (``Program.predict``), exported
 (``export_onnx``) and inspected (``describe``). The only acceptable outcomes are acceptance and
 ``MbzFormatError``; anything else is saved to ``OUT/crashes/`` with its traceback, and a JSON
@@ -43,12 +44,13 @@ from mbz.format import (
     Entropy,
     Limits,
     MbzFormatError,
+    ScaledCodebookTensor,
     SectionKind,
     UniformTensor,
     decode_mbz,
     encode_mbz,
 )
-from mbz.format.constants import GRAPH_OPS
+from mbz.format.constants import GRAPH_OPS, VERSION_MINOR
 from mbz.format.container import assemble
 from mbz.format.jsonio import canonical_json
 from mbz.inspect import describe
@@ -96,11 +98,16 @@ def _weight(rng: np.random.Generator, shape: tuple, spec: dict):
         return DenseTensor(values.astype(dtype), mask=mask)
     bits, entropy = spec["bits"], spec["entropy"]
     levels = 2**bits
-    if spec["kind"] == "codebook":
+    if spec["kind"] in ("codebook", "scaled"):
         k = min(levels, 2 + int(rng.integers(0, levels - 1)))
         codebook = np.sort(rng.standard_normal(k)).astype(np.float32) * 0.3
         indices = (rng.integers(0, k, shape) * (rng.random(shape) < 0.7)).astype(np.uint8)
-        return CodebookTensor(codebook, indices, bits, mask=mask, entropy=entropy)
+        if spec["kind"] == "codebook":
+            return CodebookTensor(codebook, indices, bits, mask=mask, entropy=entropy)
+        scale = rng.uniform(0.5, 2.0, shape[0]).astype(np.float16)
+        return ScaledCodebookTensor(
+            codebook.astype(np.float16), scale, indices, bits, mask=mask, entropy=entropy
+        )
     axis = 0 if spec["per_channel"] else None
     channels = shape[0] if axis == 0 else 1
     return UniformTensor(
@@ -180,6 +187,9 @@ SEED_SPECS = {
     "codebook_huffman_csr": {
         "kind": "codebook", "bits": 3, "entropy": Entropy.HUFFMAN, "density": 0.08
     },
+    "scaled_codebook_bitmap": {
+        "kind": "scaled", "bits": 4, "entropy": Entropy.FIXED, "density": 0.5
+    },
     "uniform_tensor_bitmap": {
         "kind": "uniform", "bits": 8, "entropy": Entropy.FIXED, "density": 0.6,
         "per_channel": False,
@@ -230,12 +240,14 @@ def _split(name: str, metadata: dict, tensors: dict, compressed: bool) -> Seed:
 
 
 def rebuild(metadata: dict | bytes, bodies: list[bytes], compressed: bool) -> bytes:
-    """A file with correct CRCs, whatever the metadata and bodies hold."""
+    """A file with correct CRCs, whatever the metadata and bodies hold (at the reader's minor
+    version, so that every encoding it knows is allowed)."""
     raw = metadata if isinstance(metadata, bytes) else _json(metadata)
     kind = SectionKind.METADATA_ZLIB if compressed else SectionKind.METADATA
     if compressed:
         raw = zlib.compress(raw)
-    return assemble([kind] + [SectionKind.TENSOR] * len(bodies), [raw, *bodies], 64)
+    kinds = [kind] + [SectionKind.TENSOR] * len(bodies)
+    return assemble(kinds, [raw, *bodies], 64, VERSION_MINOR)
 
 
 def _json(obj: object) -> bytes:
