@@ -24,6 +24,7 @@ COLORMAP = "viridis"  # parallel coordinates: lines coloured by accuracy, dark =
 FRONT_COLOR = "tab:red"
 AXIS_NAMES = {"bits": "weight bits", "act_bits": "act bits", "prune": "pruned"}
 ACCURACY, SIZE = "accuracy %", "size kB"
+PARALLEL_TITLE = "Sweep: settings -> size, accuracy"
 
 
 def save(figure: Figure, path: Path, formats: Sequence[str] = ("png",)) -> list[Path]:
@@ -180,7 +181,7 @@ def sweep_figures(records: list[dict]) -> dict[str, Figure]:
         xs.append(run["config"].get("prune", 0.0))
         ys.append(acc)
     return {
-        "parallel": parallel_chart(columns, "Sweep: settings -> size, accuracy"),
+        "parallel": parallel_chart(columns, PARALLEL_TITLE),
         "pareto": scatter_chart(
             {"runs": (sizes, accuracy)},
             "Accuracy vs file size",
@@ -257,7 +258,7 @@ def runs_table(records: list[dict]) -> str:
 def html_page(title: str, records: list[dict], figures: dict[str, Figure]) -> str:
     """One self-contained HTML page: the interactive parallel coordinates (plotly.js inline),
     the other charts as inline SVG, and the table of runs. It works offline."""
-    interactive = parallel_plotly(parallel_columns(records), "Sweep: settings -> size, accuracy")
+    interactive = parallel_plotly(parallel_columns(records), PARALLEL_TITLE)
     plot = interactive.to_html(
         full_html=False, include_plotlyjs=True, div_id="parallel", config={"displaylogo": False}
     )

@@ -282,7 +282,7 @@ def run_point(
         "accuracy_by_runtime": {r.runtime: r.accuracy for r in report.results},
         "pack_accuracy": (packed.accuracy or {}).get("top1"),
         "images": int(first.predictions.size),
-        "data": data.test.source,
+        "data": settings.data,
         "agreement": report.agreements,
         "eval_ok": not report.failures,
         "eval_failures": report.failures,

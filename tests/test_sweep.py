@@ -216,6 +216,8 @@ def test_ray_options_need_ray(tiny_sweep, tmp_path):
     args = sweep_args(tiny_sweep.model, tiny_sweep.data, tmp_path / "x")
     result = invoke(*args, "--ray-cpus", 2, expect=2)
     assert "--ray-address and --ray-cpus need --ray" in result.output
+    result = invoke(*args, "--ray", "--ray-cpus", 2, "--ray-address", "auto", expect=2)
+    assert "--ray-cpus sizes a local Ray, not a cluster" in result.output
 
 
 def test_model_and_images_are_checked_before_any_run(tiny_sweep, tmp_path):

@@ -33,6 +33,8 @@ def _runner(use_ray: bool, ray_address: str | None, ray_cpus: int | None):
         if ray_address or ray_cpus:
             raise click.UsageError("--ray-address and --ray-cpus need --ray")
         return run_locally
+    if ray_address and ray_cpus:
+        raise click.UsageError("--ray-cpus sizes a local Ray, not a cluster (--ray-address)")
     from mbz.ray_sweep import ray_runner
 
     return ray_runner(ray_address, ray_cpus)
