@@ -80,7 +80,7 @@ class PackJob:
         baseline = None
         if self.dataset is not None:
             baseline = float_accuracy(self.probe, self.config, self.dataset, progress)
-        result = pack_model(
+        return pack_model(
             self.loaded,
             self.config,
             self.output,
@@ -88,9 +88,8 @@ class PackJob:
             progress,
             self.calibration,
             self.tuning,
+            baseline,
         )
-        result.float_accuracy = baseline
-        return result
 
 
 def prepare_pack(

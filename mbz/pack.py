@@ -46,9 +46,18 @@ class PackResult:
         """FP32 model bytes / .mbz file bytes."""
         return self.fp32_bytes / self.file_bytes
 
+    @property
+    def drop_points(self) -> float | None:
+        """Top-1 of the packed model minus the float model's, in percentage points (None
+        unless both were measured)."""
+        if not self.accuracy or not self.float_accuracy:
+            return None
+        return 100 * (self.accuracy["top1"] - self.float_accuracy["top1"])
+
     def to_dict(self) -> dict:
         """JSON-ready summary."""
         return {
+            "drop_points": self.drop_points,
             "path": str(self.path),
             "file_bytes": self.file_bytes,
             "fp32_bytes": self.fp32_bytes,
@@ -215,8 +224,10 @@ def pack(
     progress: Progress = None,
     calibration: Dataset | None = None,
     tuning: Tuning | None = None,
+    float_accuracy: dict | None = None,
 ) -> PackResult:
     """Compress ``loaded`` with ``config``, write ``output``, evaluate on ``dataset`` if given.
+    ``float_accuracy``, the model before compression measured on ``dataset``, is stored too.
 
     With ``config.act_bits``, activations are calibrated on ``calibration`` (training images)
     after the weights are quantized, so the accuracy measured is the fully quantized model's.
@@ -238,11 +249,23 @@ def pack(
         metadata["accuracy"] = measure_accuracy(
             graph, tensors, metadata["preprocess"], dataset, progress
         )
+    if float_accuracy is not None and metadata["accuracy"] is not None:
+        metadata["float_accuracy"] = {
+            "top1": float_accuracy["top1"],
+            "data_sha256": metadata["accuracy"]["data_sha256"],
+        }
     size = write_mbz(output, metadata, tensors)
     seconds = time.perf_counter() - start
     history = tuning.history if tuning is not None else None
     return PackResult(
-        output, size, loaded.fp32_bytes, metadata["accuracy"], seconds, peaks, history
+        output,
+        size,
+        loaded.fp32_bytes,
+        metadata["accuracy"],
+        seconds,
+        peaks,
+        history,
+        float_accuracy,
     )
 
 

@@ -1,6 +1,7 @@
 """The main path end to end through the CLI: pack, eval, inspect (CliRunner, small models)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +9,10 @@ import torch
 from click.testing import CliRunner
 
 from mbz.cli import main
+from mbz.commands.pack import drop_advice
 from mbz.format import read_mbz
 from mbz.models import cifar_mobilenet_v2
+from mbz.pack import PackResult
 from tests.helpers import invoke, narrow_mobilenet, save_mbz_checkpoint
 
 
@@ -102,3 +105,34 @@ def test_pickled_module_needs_trust(workdir):
     assert "Traceback" not in refused.output
     accepted = invoke("pack", path, "--trust-pickle", "-o", workdir / "w.mbz")
     assert accepted.exit_code == 0, accepted.output
+
+
+def test_pack_states_the_float_accuracy_and_the_drop(model_path, data_path, workdir):
+    out = workdir / "honest.mbz"
+    summary = json.loads(
+        invoke("pack", model_path, "--bits", "conv=2,fc=2", "-o", out, "--data", data_path,
+               "--json").output
+    )
+    packed, base = summary["accuracy"]["top1"], summary["float_accuracy"]["top1"]
+    assert summary["drop_points"] == pytest.approx(100 * (packed - base))
+    stored = read_mbz(out).metadata
+    assert stored["float_accuracy"]["top1"] == base
+    assert stored["float_accuracy"]["data_sha256"] == stored["accuracy"]["data_sha256"]
+    text = invoke("pack", model_path, "--bits", "conv=2,fc=2", "-o", out, "--data", data_path)
+    assert f"(float {100 * base:.2f}%, {100 * (packed - base):+.2f} pt)" in text.output
+
+
+def test_pack_without_data_says_accuracy_was_not_measured(model_path, workdir):
+    result = invoke("pack", model_path, "-o", workdir / "blind.mbz")
+    assert "accuracy not measured: add --data" in result.output
+    assert read_mbz(workdir / "blind.mbz").metadata["accuracy"] is None
+
+
+@pytest.mark.parametrize(("packed", "advice"), [(0.50, True), (0.545, False), (0.60, False)])
+def test_a_drop_above_two_points_gets_advice(packed, advice):
+    result = PackResult(Path("m.mbz"), 100, 400, {"top1": packed}, 1.0,
+                        float_accuracy={"top1": 0.56})
+    text = drop_advice(result)
+    assert (text is not None) == advice
+    if advice:
+        assert "--finetune-epochs" in text and "--target-ratio" in text

@@ -229,24 +229,45 @@ def pack_command(
     _echo_summary(result)
 
 
+MAX_QUIET_DROP = 2.0  # points of top-1 lost before mbz pack suggests what helps
+
+
+def accuracy_line(result: PackResult) -> str:
+    """``top-1 52.90% (float 57.80%, -4.90 pt) on N images of DATA (torch fake-quant)``, or
+    what to pass to measure it."""
+    if not result.accuracy:
+        return (
+            "accuracy not measured: add --data (cifar10, an .npz or a cifar-10-batches-py "
+            "folder) to measure the packed and the float model on the same images"
+        )
+    acc, line = result.accuracy, f"top-1 {100 * result.accuracy['top1']:.2f}%"
+    if result.float_accuracy and result.drop_points is not None:
+        line += f" (float {100 * result.float_accuracy['top1']:.2f}%, {result.drop_points:+.2f} pt)"
+    return f"{line} on {acc['images']} images of {acc['data']} (torch fake-quant)"
+
+
+def drop_advice(result: PackResult) -> str | None:
+    """What helps when the packed model lost more than MAX_QUIET_DROP points; else None."""
+    drop = result.drop_points
+    if drop is None or drop >= -MAX_QUIET_DROP:
+        return None
+    return (
+        f"the packed model lost {-drop:.1f} points: fine-tune it (--finetune-epochs 1), give "
+        "the most sensitive layers more bits (e.g. --bits conv=4,fc=8,first=8), or let mbz "
+        "choose the bits per layer for a size (--target-ratio R)"
+    )
+
+
 def _echo_summary(result: PackResult) -> None:
     """The human-readable summary of ``mbz pack``."""
     click.echo(
         f"wrote {result.path}: {result.file_bytes:,} bytes, "
         f"{result.ratio:.2f}x smaller than FP32 ({result.fp32_bytes:,} bytes)"
     )
-    if result.float_accuracy:
-        acc = result.float_accuracy
-        click.echo(
-            f"accuracy before compression: {100 * acc['top1']:.2f}% "
-            f"on {acc['images']} images of {acc['data']}"
-        )
-    if result.accuracy:
-        acc = result.accuracy
-        click.echo(
-            f"accuracy (torch fake-quant): {100 * acc['top1']:.2f}% "
-            f"on {acc['images']} images of {acc['data']}"
-        )
+    click.echo(accuracy_line(result))
+    advice = drop_advice(result)
+    if advice:
+        click.echo(advice, err=True)
     if result.activation_peak_bytes:
         peaks = result.activation_peak_bytes
         click.echo(
