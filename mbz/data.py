@@ -160,6 +160,20 @@ def _load_npz(path: Path, split: str) -> Dataset:
     return _dataset(str(path), names, *(arrays[n] for n in names), classes, f"{path.name}:{split}")
 
 
+def load_unlabelled(source: str, split: str) -> tuple[np.ndarray, tuple[str, ...], str] | None:
+    """(images, class names, source name) of ``x_<split>`` when ``source`` is an .npz that has
+    it but no ``y_<split>`` (unlabelled images, e.g. for distillation); None otherwise."""
+    path = Path(source).expanduser()
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return None
+    with _open_npz(path) as archive:
+        if f"x_{split}" not in archive.files or f"y_{split}" in archive.files:
+            return None
+    arrays = _read_npz(path, (f"x_{split}",))
+    images = _checked_images(str(path), f"x_{split}", arrays[f"x_{split}"])
+    return images, _npz_classes(path, arrays.get("classes")), f"{path.name}:{split}"
+
+
 def _read_npz(path: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The ``required`` arrays of an .npz archive, plus ``classes`` when it has one."""
     with _open_npz(path) as archive:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -30,16 +30,17 @@ from torch import nn
 
 from mbz.capture import capture
 from mbz.config import PackConfig
-from mbz.data import Dataset, load_split
+from mbz.data import Dataset, load_split, load_unlabelled
 from mbz.errors import MbzError
 from mbz.evaluate import pick_device
-from mbz.format import Tensor
+from mbz.format import Tensor, UniformTensor
 from mbz.format.encodings import encoding_of
 from mbz.graph_ops import weight_nodes
 from mbz.prune import batchnorm_keep_masks, magnitude_masks, plan_channels
-from mbz.qat import TRAINABLE, TrainableGraph
+from mbz.qat import TRAINABLE, TrainableGraph, least_squares_uniform
+from mbz.train_distill import Distillation
 from mbz.train_recipe import Recipe
-from mbz.training import FitResult, StepReport, fit, split_holdout
+from mbz.training import FitResult, Objective, StepReport, evaluate_model, fit, split_holdout
 
 BATCH_SIZE = 128  # images per fine-tuning step
 PRUNING_WEIGHT_DECAY = 5e-4  # as in training; fine-tuning quantized weights uses none
@@ -59,7 +60,10 @@ class Tuning:
     device: torch.device = field(default_factory=pick_device)
     on_stage: Callable[[str], None] | None = None  # told each stage's name as it starts
     on_step: Callable[[StepReport], None] | None = None  # ``fit``'s, for every stage
+    on_epoch: Callable[[dict], None] | None = None  # told each epoch's stats (and the start's)
     history: list[dict] = field(default_factory=list)
+    distill: Distillation | None = None  # the float model as teacher (``taught_by``)
+    keep_start: bool = True  # False: keep the best trained epoch even if the start was better
 
     @classmethod
     def of(
@@ -69,29 +73,48 @@ class Tuning:
         device: torch.device | None = None,
         on_stage: Callable[[str], None] | None = None,
         on_step: Callable[[StepReport], None] | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
     ) -> Tuning:
         """Hold out ``config.val_fraction`` of ``training`` (chosen by ``config.seed``)."""
         train, val = split_holdout(training, config.val_fraction, config.seed)
-        return cls(train, val, config, device or pick_device(), on_stage, on_step)
+        return cls(train, val, config, device or pick_device(), on_stage, on_step, on_epoch)
+
+    def taught_by(self, teacher: nn.Module) -> Tuning:
+        """This tuning distilling from ``teacher`` (the float model before compression) with
+        ``config.distill_weight`` and ``config.temperature``; itself when the weight is 0 or
+        it has a teacher already. The history is shared."""
+        if self.distill is not None or self.config.distill_weight == 0:
+            return self
+        config = self.config
+        return replace(
+            self, distill=Distillation.of(teacher, config.distill_weight, config.temperature)
+        )
 
     def fit(
         self,
         model: nn.Module,
         stage: str,
         weight_decay: float,
+        *,
+        keep_start: bool = True,
+        objective: Objective | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
         **callbacks: Callable | None,
     ) -> FitResult:
-        """``config.finetune_epochs`` epochs of ``mbz.training.fit`` on ``train``, scored on
-        ``val``; the epochs' stats join ``history`` under ``stage``."""
+        """``steps()`` optimizer steps of ``mbz.training.fit`` on ``train`` (distilling from
+        the teacher, if any), scored on ``val`` after each epoch and, with ``keep_start``,
+        before the first: the state kept is the best, the start when no epoch beats it. The
+        stats join ``history`` under ``stage``."""
         config = self.config
         recipe = Recipe(
-            epochs=config.finetune_epochs,
+            epochs=math.ceil(self.steps() / self.steps_per_epoch()),
             batch_size=BATCH_SIZE,
             lr=config.finetune_lr,
             weight_decay=weight_decay,
             warmup_epochs=0.0,
             seed=config.seed,
         )
+        objective = replace(objective or Objective(), distill=self.distill, max_steps=self.steps())
         if self.on_stage:
             self.on_stage(stage)
         result = fit(
@@ -103,6 +126,9 @@ class Tuning:
             std=config.std,
             device=self.device,
             on_step=self.on_step,
+            on_epoch=_both(on_epoch, self.on_epoch),
+            objective=objective,
+            keep_start=keep_start and self.keep_start,
             **callbacks,
         )
         self.history += [{"stage": stage, **stats} for stats in result.history]
@@ -116,21 +142,54 @@ class Tuning:
             if row["stage"] == stage:
                 row["packed"] = row["epoch"] == epoch
 
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps of one pass over ``train``."""
+        return math.ceil(len(self.train) / BATCH_SIZE)
+
     def steps(self) -> int:
-        """Optimizer steps of one ``fit`` call."""
-        return self.config.finetune_epochs * math.ceil(len(self.train) / BATCH_SIZE)
+        """Optimizer steps of one ``fit`` call: ``finetune_steps``, else ``finetune_epochs``
+        passes over ``train`` (at least one step)."""
+        config = self.config
+        epochs = config.finetune_epochs * self.steps_per_epoch()
+        return config.finetune_steps or max(1, round(epochs))
 
 
-def load_training(source: str, data_root: str | None) -> Dataset:
-    """The train split of ``source`` for fine-tuning; an MbzError that says what to do when
-    ``source`` has none."""
+def _both(*callbacks: Callable[[dict], None] | None) -> Callable[[dict], None]:
+    """One callback calling each of ``callbacks`` that is given."""
+
+    def call(stats: dict) -> None:
+        for callback in callbacks:
+            if callback is not None:
+                callback(stats)
+
+    return call
+
+
+def load_training(
+    source: str,
+    data_root: str | None,
+    teacher: nn.Module | None = None,
+    config: PackConfig | None = None,
+) -> Dataset:
+    """The train split of ``source`` for fine-tuning. An .npz with ``x_train`` but no
+    ``y_train`` gives unlabelled images, which ``teacher`` (the float model, fed images
+    normalised as ``config`` says) labels with its predictions, for distillation. An MbzError
+    that says what to do when there is no train split (or no teacher for unlabelled images)."""
     try:
         return load_split(source, "train", data_root=data_root)
     except MbzError as error:
-        raise MbzError(
-            f"fine-tuning (--finetune-epochs) trains on the train split of --data, which could "
-            f"not be read: {error}. Pass --data with x_train/y_train, or --finetune-epochs 0"
-        ) from error
+        found = load_unlabelled(source, "train") if teacher is not None else None
+        if found is None:
+            raise MbzError(
+                f"fine-tuning (--finetune-epochs) trains on the train split of --data, which "
+                f"could not be read: {error}. Pass --data with x_train (and y_train), or "
+                "--finetune-epochs 0"
+            ) from error
+    images, classes, name = found
+    unlabelled = Dataset(images, np.zeros(len(images), np.int64), classes, name)
+    config = config or PackConfig()
+    _, _, predicted = evaluate_model(teacher, unlabelled, mean=config.mean, std=config.std)
+    return replace(unlabelled, labels=predicted, source=f"{name} (labelled by the float model)")
 
 
 # Channel pruning: network slimming on the torch module.
@@ -246,14 +305,14 @@ def prune_weights(
     keep-masks by weight name."""
     names = [node["params"]["weight"] for node in weight_nodes(graph)]
     model = TrainableGraph(graph, params, masks={n: np.ones(params[n].shape, bool) for n in names})
-    steps, epochs = tuning.steps(), tuning.config.finetune_epochs
-    end = max(1, round(GMP_END * steps))
-    schedule = _GradualPruning(graph, model, tuning.config.prune, end, steps // epochs)
+    end = max(1, round(GMP_END * tuning.steps()))
+    schedule = _GradualPruning(graph, model, tuning.config.prune, end, tuning.steps_per_epoch())
     stage = f"gradual magnitude pruning to {tuning.config.prune:.0%} of weights"
     tuning.fit(
         model,
         stage,
         PRUNING_WEIGHT_DECAY,
+        keep_start=False,  # the start is not pruned yet
         after_step=schedule.after_step,
         on_epoch=schedule.on_epoch,
     )
@@ -282,10 +341,15 @@ def finetune_quantized(
 ) -> dict[str, Tensor]:
     """Fine-tune the quantized model (``graph`` with its activation quantize nodes, weights
     stored as ``tensors``, float ``params`` as the latent weights of uniform QAT); returns the
-    tensors of its best epoch, ``tensors`` themselves when nothing is quantized."""
+    tensors of its best epoch (or of the start), ``tensors`` themselves when nothing is
+    quantized. Uniform QAT starts from least-squares ranges (``least_squares_uniform``)."""
     stage = _stage(graph, tensors)
     if stage is None:
         return tensors
+    tensors = {
+        name: least_squares_uniform(params[name], t) if isinstance(t, UniformTensor) else t
+        for name, t in tensors.items()
+    }
     model = TrainableGraph(graph, params, tensors)
     result = tuning.fit(model, stage, 0.0, after_step=TrainableGraph.apply_masks)
     model.load_state_dict(result.best_state)

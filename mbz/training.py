@@ -28,6 +28,7 @@ from mbz.errors import MbzError
 from mbz.torch_graph import image_batches, preprocess_images
 from mbz.train_augment import Mixed, augment_batch, mixup
 from mbz.train_dist import Process, all_sum, broadcast_buffers, process_group
+from mbz.train_distill import Distillation
 from mbz.train_recipe import Recipe, lr_at
 
 
@@ -61,7 +62,7 @@ class FitResult:
 
     history: list[dict]  # one dict per epoch trained by this call (see ``fit``)
     best_state: dict  # state_dict (CPU tensors) of the epoch with the best val accuracy
-    best_epoch: int  # that epoch, counted from 1 like history's "epoch"
+    best_epoch: int  # that epoch, counted from 1 like history's "epoch" (0: the start kept)
     best_val_accuracy: float | None  # None without val
 
 
@@ -182,6 +183,27 @@ class _Plan:
         return order[: self.shard * process.world][process.rank :: process.world].to(process.device)
 
 
+@dataclass
+class Objective:
+    """What ``fit`` adds to the recipe's cross-entropy: a ``penalty(model)`` term, a teacher to
+    distil from, a different learning rate for some parameters, and ``max_steps`` to stop
+    before the recipe's last epoch ends (the learning rate then decays over those steps)."""
+
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None
+    distill: Distillation | None = None
+    lr_scales: Callable[[nn.Module], dict[nn.Parameter, float]] | None = None  # lr multipliers
+    max_steps: int | None = None
+
+
+def _param_groups(model: nn.Module, objective: Objective) -> list[dict]:
+    """The optimizer's parameter groups: one per learning-rate multiplier (1 for the rest)."""
+    scales = objective.lr_scales(model) if objective.lr_scales else {}
+    groups: dict[float, list] = {}
+    for parameter in model.parameters():
+        groups.setdefault(scales.get(parameter, 1.0), []).append(parameter)
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+
+
 class _Trainer:
     """One ``fit`` call's state: the model (DDP-wrapped when distributed), optimizer, AMP."""
 
@@ -193,11 +215,12 @@ class _Trainer:
         plan: _Plan,
         mean,
         std,
-        penalty,
+        objective: Objective,
         after_step,
     ) -> None:
         self.model, self.recipe, self.process, self.plan = model, recipe, process, plan
-        self.penalty, self.after_step = penalty, after_step
+        self.penalty, self.after_step = objective.penalty, after_step
+        self.distill = objective.distill.to(process.device) if objective.distill else None
         self.preprocess = {"mean": mean, "std": std}
         cuda = process.device.type == "cuda"
         self.net = (
@@ -206,7 +229,7 @@ class _Trainer:
             else model
         )
         self.optimizer = torch.optim.SGD(
-            model.parameters(),
+            _param_groups(model, objective),
             lr=recipe.lr,
             momentum=recipe.momentum,
             nesterov=recipe.nesterov,
@@ -217,7 +240,7 @@ class _Trainer:
             (lambda: torch.autocast("cuda", dtype=half)) if cuda else contextlib.nullcontext
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and half == torch.float16)
-        self.total_steps = recipe.epochs * plan.steps
+        self.total_steps = min(recipe.epochs * plan.steps, objective.max_steps or math.inf)
         self.warmup_steps = round(recipe.warmup_epochs * plan.steps)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor, mixed: Mixed):
@@ -242,10 +265,12 @@ class _Trainer:
         x, mixed = mixup(x, target, self.recipe.mixup, generator, rng)
         lr = lr_at(step, self.total_steps, self.warmup_steps, self.recipe.lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         with self.autocast():
             logits = self.net(x)
-        loss, correct = self._loss(logits.float(), target, mixed)
+            loss, correct = self._loss(logits.float(), target, mixed)
+            if self.distill:
+                loss = self.distill.mix(loss, logits, x)
         total = loss + self.penalty(self.model) if self.penalty else loss
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
@@ -266,16 +291,16 @@ class _Trainer:
         self.net.train()
         sums = torch.zeros(2, dtype=torch.float64, device=process.device)
         start = time.perf_counter()
-        for index in range(plan.steps):
+        steps = min(plan.steps, self.total_steps - epoch * plan.steps)
+        for index in range(steps):
             indices = order[index * plan.batch : (index + 1) * plan.batch]
             loss, correct = self.step(indices, epoch * plan.steps + index, generator, rng)
             sums += torch.stack([loss.double(), correct.double()])
             if on_step:
                 done = min((index + 1) * plan.batch, plan.shard)
-                on_step(
-                    StepReport(epoch + 1, recipe.epochs, index + 1, plan.steps, done, start, sums)
-                )
-        loss_total, correct_total, count = all_sum([*sums.tolist(), plan.shard], process)
+                on_step(StepReport(epoch + 1, recipe.epochs, index + 1, steps, done, start, sums))
+        trained = min(steps * plan.batch, plan.shard)
+        loss_total, correct_total, count = all_sum([*sums.tolist(), trained], process)
         seconds = time.perf_counter() - start
         return {
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -314,6 +339,8 @@ def fit(
     start_epoch: int = 0,
     optimizer_state: dict | None = None,
     on_step: Callable[[StepReport], None] | None = None,
+    objective: Objective | None = None,
+    keep_start: bool = False,
 ) -> FitResult:
     """Train ``model`` (its forward takes a preprocessed float32 NCHW batch) on ``train``.
 
@@ -329,7 +356,15 @@ def fit(
     without it), images_per_s (training, all processes), seconds; then
     ``on_checkpoint(optimizer_state)`` gets what ``optimizer_state`` takes to resume.
     ``on_step(report)`` gets a ``StepReport`` after every optimizer step, e.g. to draw progress.
+    ``objective`` adds a penalty, distillation, per-parameter learning rates or a step limit
+    (``penalty`` alone may be passed as its own argument). With ``keep_start`` and ``val``, the
+    model is scored before training too (history entry of epoch 0, on_epoch told, train stats
+    None): an epoch is kept only when it beats every earlier one, the start included, so the
+    best state is never worse than the start on ``val``.
     """
+    objective = objective or Objective()
+    if penalty is not None:
+        objective = replace(objective, penalty=penalty)
     if not 0 <= start_epoch <= recipe.epochs:
         raise MbzError(f"cannot start at epoch {start_epoch} of a {recipe.epochs}-epoch recipe")
     if len(train) == 0:
@@ -341,11 +376,16 @@ def fit(
             torch.backends.cudnn.benchmark = True
         model.to(process.device).to(memory_format=torch.channels_last)
         plan = _Plan.of(train, recipe, process)
-        trainer = _Trainer(model, recipe, process, plan, mean, std, penalty, after_step)
+        trainer = _Trainer(model, recipe, process, plan, mean, std, objective, after_step)
         if optimizer_state is not None:
             trainer.optimizer.load_state_dict(optimizer_state)
         result = FitResult([], _cpu_state(model.state_dict()), start_epoch, None)
-        for epoch in range(start_epoch, recipe.epochs):
+        if keep_start and val is not None:
+            result = _score_start(trainer, val, mean, std, result)
+            if process.main and on_epoch:
+                on_epoch(result.history[-1])
+        epochs = math.ceil(trainer.total_steps / plan.steps)
+        for epoch in range(start_epoch, epochs):
             step_callback = on_step if process.main else None
             result = _run_epoch(trainer, epoch, val, mean, std, step_callback, result)
             if process.main and on_epoch:
@@ -354,6 +394,23 @@ def fit(
                 on_checkpoint(trainer.optimizer.state_dict())
         model.to(memory_format=torch.contiguous_format)
     return result
+
+
+def _score_start(trainer: _Trainer, val: Dataset, mean, std, result: FitResult) -> FitResult:
+    """``result`` with the untrained model's val scores as its best (history entry 0)."""
+    start = time.perf_counter()
+    val_loss, val_accuracy = trainer.validate(val, mean, std)
+    stats = {
+        "epoch": result.best_epoch,
+        "lr": None,
+        "train_loss": None,
+        "train_accuracy": None,
+        "images_per_s": None,
+        "val_loss": val_loss,
+        "val_accuracy": val_accuracy,
+        "seconds": time.perf_counter() - start,
+    }
+    return replace(result, history=[*result.history, stats], best_val_accuracy=val_accuracy)
 
 
 def _run_epoch(

@@ -5,6 +5,7 @@ Small on purpose: a width-0.25 MobileNet-v2, a few dozen synthetic images, one e
 """
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -62,9 +63,12 @@ def model_file(tmp_path_factory, model):
     return save_mbz_checkpoint(path, model)
 
 
-def tuning_for(data: Dataset, **fields) -> Tuning:
+def tuning_for(data: Dataset, keep_start: bool = False, **fields) -> Tuning:
+    """One epoch on ``data``; by default the trained epoch is kept even when the start scores
+    better on the held-out images (random labels here), so the mechanics can be checked."""
     config = PackConfig(finetune_epochs=1, val_fraction=0.25, **fields)
-    return Tuning.of(data, config, device=torch.device("cpu"))
+    tuning = Tuning.of(data, config, device=torch.device("cpu"))
+    return dataclasses.replace(tuning, keep_start=keep_start)
 
 
 def logits(graph: dict, params: dict, images: np.ndarray) -> np.ndarray:
