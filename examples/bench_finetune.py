@@ -1,0 +1,112 @@
+"""Benchmark fine-tuning while packing (issue 13's table): each setting post-training, then
+fine-tuned with and without distillation from the float model.
+
+Run: python examples/bench_finetune.py MODEL DATA [--arch cifar --mean .5,.5,.5 --std .25,.25,.25]
+     [--epochs 3 | --steps N] [--limit-train N] [--limit N] [--only NAME ...]
+(MODEL from `mbz train --data DATA`, or a torchvision-layout state_dict with --arch; DATA such as
+../shared/data/cifar10-fragment.npz). Each row records the real file bytes, the top-1 accuracy
+on the test split (never trained or selected on), the drop against the float model in points,
+and the minutes the pack took on this machine. Prints a Markdown table and writes
+runs/bench_finetune.json with the command line, machine and every row.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import mbz
+
+K, U = {"method": "kmeans"}, {"method": "uniform"}
+W = {"prune_mode": "weight", "bits": "conv=4,fc=2"}
+# name: pack options (issue 13, "Evidence")
+SETTINGS = {
+    "prune 0.36 channel, conv=4,fc=2": {"prune": 0.36, "bits": "conv=4,fc=2"},
+    "prune 0.5 channel, conv=4,fc=2": {"prune": 0.5, "bits": "conv=4,fc=2"},
+    "prune 0.36 weight, conv=4,fc=2": {"prune": 0.36, **W},
+    "prune 0.5 weight, conv=4,fc=2": {"prune": 0.5, **W},
+    "uniform W4": {**U, "bits": "conv=4,fc=4"},
+    "uniform W3": {**U, "bits": "conv=3,fc=3"},
+    "uniform W2 (conv=2,fc=2)": {**U, "bits": "conv=2,fc=2"},
+    "k-means conv=4,fc=4": {**K, "bits": "conv=4,fc=4"},
+    "k-means conv=3,fc=3": {**K, "bits": "conv=3,fc=3"},
+    "k-means conv=2,fc=2": {**K, "bits": "conv=2,fc=2"},
+    "target ratio 20": {"target_ratio": 20},
+    "target ratio 30": {"target_ratio": 30},
+}
+# how each setting is fine-tuned: (label, extra pack options)
+VARIANTS = (("post-training", {}), ("fine-tuned, distilled", None), ("fine-tuned, labels", 0.0))
+
+
+def triple(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("data")
+    parser.add_argument("--arch", default=None)
+    parser.add_argument("--mean", type=triple, default=None)
+    parser.add_argument("--std", type=triple, default=None)
+    parser.add_argument("--epochs", type=float, default=3.0, help="fine-tuning epochs per run")
+    parser.add_argument("--steps", type=int, default=0, help="fine-tuning steps instead")
+    parser.add_argument("--limit-train", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="test images")
+    parser.add_argument("--only", nargs="*", default=None, help="setting names to run")
+    parser.add_argument("--output", type=Path, default=Path("runs/bench_finetune.json"))
+    return parser.parse_args()
+
+
+def run(args: argparse.Namespace, options: dict, distill: float | None, tuned: bool) -> dict:
+    """One pack; its bytes, test top-1, float top-1 and minutes."""
+    common = {k: v for k, v in (("mean", args.mean), ("std", args.std)) if v is not None}
+    if tuned:
+        budget = {"finetune_steps": args.steps} if args.steps else {"finetune_epochs": args.epochs}
+        common.update(budget, limit_train=args.limit_train)
+        if distill is not None:
+            common["distill_weight"] = distill
+    start = time.perf_counter()
+    result = mbz.pack(
+        args.model, args.output.with_suffix(".mbz"), data=args.data, limit=args.limit,
+        arch=args.arch, **common, **options,
+    )
+    kept = [row for row in result.finetune or [] if row.get("packed")]
+    return {
+        "file_bytes": result.file_bytes,
+        "ratio": result.ratio,
+        "top1": result.accuracy["top1"],
+        "float_top1": result.float_accuracy["top1"],
+        "drop_points": 100 * (result.float_accuracy["top1"] - result.accuracy["top1"]),
+        "minutes": (time.perf_counter() - start) / 60,
+        "kept_epochs": [(row["stage"], row["epoch"]) for row in kept],
+    }
+
+
+def main() -> None:
+    args = arguments()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    names = args.only or list(SETTINGS)
+    rows = []
+    print("| setting | run | real bytes | top-1 | drop | minutes |\n|---|---|---:|---:|---:|---:|")
+    for name in names:
+        for label, distill in VARIANTS:
+            row = {"setting": name, "run": label, "options": SETTINGS[name]}
+            row.update(run(args, SETTINGS[name], distill, label != "post-training"))
+            rows.append(row)
+            print(f"| {name} | {label} | {row['file_bytes']:,} ({row['ratio']:.1f}x) | "
+                  f"{100 * row['top1']:.1f}% | {-row['drop_points']:+.1f} | "
+                  f"{row['minutes']:.1f} |", flush=True)
+            args.output.write_text(json.dumps({
+                "command": sys.argv, "machine": platform.platform(), "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(), "rows": rows,
+            }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
