@@ -73,7 +73,8 @@ class PackJob:
     def images(self) -> int:
         """How many images ``run`` reports to its progress callback in all."""
         test = 2 * len(self.dataset) if self.dataset is not None else 0
-        return test + (len(self.calibration) if self.calibration is not None else 0)
+        passes = bool(self.config.act_bits) + self.config.budgeted  # over the train images
+        return test + (passes * len(self.calibration) if self.calibration is not None else 0)
 
     def run(self, progress: Progress = None) -> PackResult:
         """Measure the float model, then compress, evaluate and write (``mbz.pack.pack``)."""
@@ -104,7 +105,6 @@ def prepare_pack(
     trust_pickle: bool = False,
     on_stage: Callable[[str], None] | None = None,
     on_step: Callable[[StepReport], None] | None = None,
-    on_epoch: Callable[[dict], None] | None = None,
     **options: Any,
 ) -> PackJob:
     """Load and check everything ``pack`` needs (see ``pack``), before any slow work.
@@ -123,14 +123,12 @@ def prepare_pack(
     if data is None:
         return job
     job.dataset = _checked(load_split(data, "test", data_root=data_root), limit, shape)
-    if config.act_bits:
+    if config.act_bits or config.budgeted:
         calibration = load_calibration(data, data_root, config.calib_images)
         job.calibration = _checked(calibration, None, shape)
-    if config.finetuning:
-        teacher = loaded.module if config.distill_weight else None  # labels unlabelled images
-        train = load_training(data, data_root, teacher, config)
-        train = _checked(train, limit_train, shape)
-        job.tuning = Tuning.of(train, config, None, on_stage, on_step, on_epoch)
+    if config.finetune_epochs:
+        train = _checked(load_training(data, data_root), limit_train, shape)
+        job.tuning = Tuning.of(train, config, on_stage=on_stage, on_step=on_step)
     return job
 
 
@@ -152,16 +150,15 @@ def pack(
     ("conv=4,fc=2" or a dict, overlaid on conv=4,fc=4), ``method``, ``prune``, ``prune_mode``,
     ``symmetric``, ``per_channel``, ``huffman``, ``act_bits`` ("8", "relu=4,add=8" or a dict),
     ``calib``, ``calib_images``, ``calib_percentile``, ``mean``, ``std``, ``finetune_epochs``,
-    ``finetune_steps``, ``finetune_lr``, ``distill_weight``, ``temperature``, ``l1``,
-    ``prune_steps``, ``val_fraction``, ``seed``.
+    ``finetune_lr``, ``l1``, ``prune_steps``, ``val_fraction``, ``seed``,
+    ``target_ratio``, ``target_size``.
 
     ``data`` (``"cifar10"``, an .npz or a cifar-10-batches-py folder; ``data_root`` for
     cifar10) works as ``--data``: the float model and
     the packed one are evaluated on the first ``limit`` test images; ``act_bits`` calibrates on
     its train split and ``finetune_epochs`` fine-tunes on it (its first ``limit_train`` images).
     ``progress`` is called with the number of images done; fine-tuning calls ``on_stage(name)``
-    as each stage starts, ``on_step(report)`` after every step (``mbz.training.StepReport``)
-    and ``on_epoch(stats)`` with each epoch's loss and held-out accuracy.
+    as each stage starts and ``on_step(report)`` after every step (``mbz.training.StepReport``).
     Returns the PackResult: ``path``, ``file_bytes``, ``ratio``,
     ``accuracy`` (packed, stored in the file), ``float_accuracy``.
     """
@@ -208,9 +205,14 @@ def _check_data_needs(config: PackConfig, data: str | None, limit_train: int | N
     """ValueError for options that need --data (or fine-tuning) without it."""
     if config.act_bits and data is None:
         raise ValueError("--act-bits needs --data with a train split to calibrate on")
-    if config.finetuning and data is None:
+    if config.budgeted and data is None:
+        raise ValueError(
+            "--target-ratio/--target-size need --data: the bits per layer are chosen by "
+            "their effect on the loss over its train split"
+        )
+    if config.finetune_epochs and data is None:
         raise ValueError("--finetune-epochs needs --data with a train split to train on")
-    if limit_train is not None and not config.finetuning:
+    if limit_train is not None and not config.finetune_epochs:
         raise ValueError("--limit-train limits the images of fine-tuning: add --finetune-epochs")
 
 

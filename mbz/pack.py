@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mbz import __version__
+from mbz import __version__, budget
 from mbz.calibrate import calibrate
 from mbz.capture import capture
 from mbz.checkpoint import LoadedModel
@@ -21,7 +21,7 @@ from mbz.errors import MbzError
 from mbz.evaluate import Progress, data_fingerprint, evaluate_torch
 from mbz.finetune import Tuning, finetune_quantized, prune_weights, slim
 from mbz.fold import fold_batchnorm
-from mbz.format import DenseTensor, Tensor, write_mbz
+from mbz.format import DenseTensor, Tensor, encode_mbz, write_mbz
 from mbz.graph_ops import is_depthwise, is_pointwise, weight_nodes
 from mbz.prune import magnitude_masks, prune_channels, prune_zeroed_channels
 from mbz.quantize import Coding, quantize_weight
@@ -86,15 +86,20 @@ def quantize_graph(
     params: dict[str, np.ndarray],
     config: PackConfig,
     masks: dict[str, np.ndarray],
+    planned: budget.Choice | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, dict]]:
-    """Encode every parameter; returns the tensors and per-layer facts for ``mbz inspect``."""
+    """Encode every parameter; returns the tensors and per-layer facts for ``mbz inspect``.
+    A weight in ``planned`` (a byte budget's choice) gets the candidate planned for it."""
     tensors: dict[str, Tensor] = {}
     layers: dict[str, dict] = {}
     for node in weight_nodes(graph):
         name = node["params"]["weight"]
         bits = bits_for(config.bits, layer_info(graph, node, params), config.default_bits)
+        bits = planned[name].bits if planned else bits
         mask, coding = masks.get(name), Coding.of(config, bits)
-        tensors[name] = quantize_weight(params[name], coding, mask)
+        tensors[name] = (
+            planned[name].tensor if planned else quantize_weight(params[name], coding, mask)
+        )
         sparsity = 0.0 if mask is None else float(1.0 - mask.mean())
         layers[node["name"]] = {
             "weight": name,
@@ -112,10 +117,15 @@ def _shapes(graph: dict, params: dict[str, np.ndarray]) -> dict[str, list[int]]:
 
 
 def compress(
-    loaded: LoadedModel, config: PackConfig, tuning: Tuning | None = None
+    loaded: LoadedModel,
+    config: PackConfig,
+    tuning: Tuning | None = None,
+    calibration: Dataset | None = None,
+    progress: Progress = None,
 ) -> tuple[dict, dict[str, np.ndarray], dict[str, Tensor], dict]:
     """Capture and compress a model: returns (graph, float params as pruned and folded,
-    tensors, per-layer facts). With ``tuning``, pruning is fine-tuned (``mbz.finetune``)."""
+    tensors, per-layer facts). With ``tuning``, pruning is fine-tuned (``mbz.finetune``).
+    With a byte budget, the bits per layer are chosen on ``calibration`` (``mbz.budget``)."""
     slimmed = tuning is not None and config.prune_mode == "channel" and config.prune > 0
     captured = capture(slim(loaded.module, tuning) if slimmed else loaded.module)
     graph, params, gamma = captured.graph, captured.params, captured.bn_gamma
@@ -130,11 +140,48 @@ def compress(
         masks = prune_weights(graph, params, tuning)
     elif config.prune_mode == "weight" and config.prune > 0:
         masks = magnitude_masks(graph, params, config.prune)
-    tensors, layers = quantize_graph(graph, params, config, masks)
-    after = _shapes(graph, params)
-    for name, facts in layers.items():
-        facts.update(shape_before=before[name], shape_after=after[name])
+    encode = _Encode(graph, params, config, masks, before)
+    planned = _planned(loaded, encode, calibration, progress) if config.budgeted else None
+    tensors, layers = encode(planned)
     return graph, params, tensors, layers
+
+
+@dataclass
+class _Encode:
+    """A pruned, folded graph's weights to encode: ``encode(planned)`` -> tensors, facts."""
+
+    graph: dict
+    params: dict[str, np.ndarray]
+    config: PackConfig
+    masks: dict[str, np.ndarray]
+    before: dict[str, list[int]]  # each layer's weight shape before pruning
+
+    def __call__(self, planned: budget.Choice | None) -> tuple[dict[str, Tensor], dict]:
+        tensors, layers = quantize_graph(self.graph, self.params, self.config, self.masks, planned)
+        after = _shapes(self.graph, self.params)
+        for name, facts in layers.items():
+            facts.update(shape_before=self.before[name], shape_after=after[name])
+        return tensors, layers
+
+
+def _planned(
+    loaded: LoadedModel, encode: _Encode, calibration: Dataset | None, progress: Progress
+) -> budget.Choice:
+    """The encodings that fit the byte budget of ``encode.config`` (``mbz.budget.choose``),
+    each choice measured as the file it makes."""
+    if calibration is None or not len(calibration):
+        raise MbzError("a byte budget needs calibration images: pass --data with a train split")
+    graph, params, config = encode.graph, encode.params, encode.config
+
+    def size_of(choice: budget.Choice) -> int:
+        tensors, layers = encode(choice)
+        return len(encode_mbz(build_metadata(loaded, config, graph, layers, None), tensors))
+
+    layers = {n["params"]["weight"]: layer_info(graph, n, params) for n in weight_nodes(graph)}
+    target = budget.target_bytes(config, loaded.fp32_bytes) or 0
+    return budget.choose(
+        graph, params, layers, config, encode.masks, calibration, target, size_of, progress
+    )
 
 
 def build_metadata(
@@ -231,15 +278,12 @@ def pack(
 
     With ``config.act_bits``, activations are calibrated on ``calibration`` (training images)
     after the weights are quantized, so the accuracy measured is the fully quantized model's.
-    With ``config.finetune_epochs`` (or ``finetune_steps``), ``tuning`` (``Tuning.of(train
-    split, config)``) fine-tunes the pruning and then the quantized model, activation
-    quantization included, distilling from ``loaded`` (``config.distill_weight``).
+    With ``config.finetune_epochs``, ``tuning`` (``Tuning.of(train split, config)``) fine-tunes
+    the pruning and then the quantized model, activation quantization included.
     """
     start = time.perf_counter()
     tuning = _checked_tuning(config, tuning)
-    if tuning is not None:
-        tuning = tuning.taught_by(loaded.module)
-    graph, params, tensors, layers = compress(loaded, config, tuning)
+    graph, params, tensors, layers = compress(loaded, config, tuning, calibration, progress)
     metadata = build_metadata(loaded, config, graph, layers, None)
     peaks = None
     if config.act_bits:
@@ -258,6 +302,7 @@ def pack(
             "data_sha256": metadata["accuracy"]["data_sha256"],
         }
     size = write_mbz(output, metadata, tensors)
+    budget.check_written(output, size, config, loaded.fp32_bytes)
     seconds = time.perf_counter() - start
     history = tuning.history if tuning is not None else None
     return PackResult(
@@ -274,7 +319,7 @@ def pack(
 
 def _checked_tuning(config: PackConfig, tuning: Tuning | None) -> Tuning | None:
     """``tuning`` when ``config`` asks for fine-tuning (MbzError if it is missing), else None."""
-    if not config.finetuning:
+    if not config.finetune_epochs:
         return None
     if tuning is None:
         raise MbzError(

@@ -76,6 +76,21 @@ _PACK_FLAGS: dict[str, Flag] = {
         off="--per-tensor",
     ),
     "huffman": Flag("Huffman-code each layer's index stream where that is smaller."),
+    "target_ratio": Flag(
+        "Choose the bits of each layer (2, 3, 4, 5, 6 or 8) so that the file is at least R times "
+        "smaller than the FP32 model, in real file bytes, losing the least: each layer's "
+        "sensitivity is measured on --calib-images images of --data's train split (Fisher "
+        "information times quantization error), then a knapsack picks the bits. --bits rules "
+        "other than the defaults pin the layers they select. Fails, naming the smallest "
+        "reachable size, when the budget cannot be met. Needs --data; 0: off.",
+        click.FloatRange(min=0),
+        metavar="R",
+    ),
+    "target_size": Flag(
+        "As --target-ratio, for a file of at most this many bytes.",
+        click.IntRange(min=0),
+        metavar="BYTES",
+    ),
     "mean": Flag("Input normalisation mean per RGB channel (0-1 scale).", TripleType()),
     "std": Flag("Input normalisation std per RGB channel (0-1 scale).", TripleType()),
     "act_bits": Flag(
@@ -96,7 +111,8 @@ _PACK_FLAGS: dict[str, Flag] = {
         click.Choice(CALIB_METHODS),
     ),
     "calib_images": Flag(
-        "Training images (the first N of --data's train split) to calibrate activations on.",
+        "Training images (the first N of --data's train split) to calibrate activations on, "
+        "and to measure the layers' sensitivities on for --target-ratio/--target-size.",
         click.IntRange(min=1),
     ),
     "calib_percentile": Flag(
@@ -108,29 +124,12 @@ _PACK_FLAGS: dict[str, Flag] = {
         "Fine-tune on --data's train split after each compression step: channel pruning in "
         "--prune-steps rounds of this many epochs each (network slimming), weight pruning "
         "gradually (cubic schedule), then the quantized model (k-means centroids, uniform QAT "
-        "with learned scales, quantized activations in place) for this many epochs; fractions "
-        "such as 0.5 allowed. Each run keeps its best state on the held-out split, the state "
-        "it started from when no epoch beats it. 0 packs post-training only.",
-        click.FloatRange(min=0),
-    ),
-    "finetune_steps": Flag(
-        "Fine-tune for this many optimizer steps (batches of 128) per run instead of "
-        "--finetune-epochs.",
+        "with learned scales, quantized activations in place) for this many epochs. 0 packs "
+        "post-training only.",
         click.IntRange(min=0),
     ),
     "finetune_lr": Flag(
         "Peak learning rate of each fine-tuning run (SGD, cosine decay to 0).",
-        click.FloatRange(min=0, min_open=True),
-    ),
-    "distill_weight": Flag(
-        "Fine-tuning distils from the float model before compression (the teacher, in eval "
-        "mode): the loss is (1 - W) x cross-entropy on the labels + W x KL divergence to the "
-        "teacher's softened logits. 0 trains on the labels alone. With W > 0, an .npz with "
-        "x_train but no y_train may be fine-tuned on (the teacher labels it).",
-        click.FloatRange(0, 1),
-    ),
-    "temperature": Flag(
-        "Softening of the student's and teacher's logits in the distillation loss.",
         click.FloatRange(min=0, min_open=True),
     ),
     "l1": Flag(

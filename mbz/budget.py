@@ -1,0 +1,241 @@
+"""Mixed precision to a byte budget: ``--target-ratio R`` / ``--target-size BYTES``.
+
+Each quantizable layer gets candidate encodings, one per bit width of ``CANDIDATE_BITS`` (a single
+one when a ``--bits`` rule pins the layer). A candidate's *cost* is the exact number of bytes its
+section adds to the file (``mbz.format``'s encoding of the tensor, Huffman included, rounded up to
+the section alignment); its *sensitivity* is the increase in loss it is expected to cause,
+``0.5 * sum(F * (w - q(w))**2)``, with ``F`` the diagonal Fisher information of the folded float
+model on calibration images (the second-order term of the loss around trained weights, whose
+gradient is about zero). A knapsack over the costs rounded *up* to a bucket of bytes picks the
+candidate per layer with the least summed sensitivity whose rounded costs fit the room left for
+weights, so their real bytes fit too. What the rest of the file costs (biases, metadata, header,
+table, padding) is measured on the file a choice makes; when that file is over the budget, the
+choice is redone with that much less room.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mbz.config import DEFAULT_BITS, LayerInfo, PackConfig, bits_for
+from mbz.data import Dataset
+from mbz.errors import MbzError
+from mbz.evaluate import Progress
+from mbz.format import Tensor
+from mbz.format.constants import DEFAULT_ALIGNMENT
+from mbz.format.container import encode_tensor
+from mbz.quantize import Coding, quantize_weight, weighted_error
+from mbz.torch_graph import GraphModule, image_batches
+
+CANDIDATE_BITS = (2, 3, 4, 5, 6, 8)  # the bit widths a layer no --bits rule pins may get
+BUCKETS = 1 << 14  # knapsack resolution: the costliest choice spans this many buckets
+HEADROOM = 1024  # bytes kept free for metadata written after the choice (the accuracies)
+MAX_ROUNDS = 8  # choices tried with less room before falling back to the smallest one
+FISHER_BATCH = 32  # images per backward pass of the sensitivity measurement
+
+Choice = dict[str, "Candidate"]  # weight tensor name -> the candidate chosen for it
+SizeOf = Callable[[Choice], int]  # the bytes of the file a choice makes
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to store a layer's weight, what it costs and what it is expected to lose."""
+
+    bits: int
+    tensor: Tensor
+    cost: int  # bytes its section adds to the file, alignment padding included
+    sensitivity: float  # expected loss increase: 0.5 * sum(F * (w - decoded)**2)
+
+
+class BudgetError(MbzError):
+    """The budget is below the smallest file the candidates can make (``smallest`` bytes)."""
+
+    def __init__(self, smallest: int) -> None:
+        super().__init__(
+            f"the budget cannot be met: the smallest file these layers can make is "
+            f"{smallest:,} bytes (--target-size {smallest}); prune more, or allow fewer bits "
+            "to the layers --bits pins"
+        )
+        self.smallest = smallest
+
+
+def target_bytes(config: PackConfig, fp32_bytes: int) -> int | None:
+    """The file size ``config`` asks for: ``target_size``, or the FP32 bytes divided by
+    ``target_ratio``, rounded down; None without a budget."""
+    if config.target_size:
+        return config.target_size
+    if config.target_ratio:
+        return math.floor(fp32_bytes / config.target_ratio)
+    return None
+
+
+def fisher_diagonal(
+    graph: dict,
+    params: dict[str, np.ndarray],
+    names: Iterable[str],
+    config: PackConfig,
+    dataset: Dataset,
+    progress: Progress = None,
+) -> dict[str, np.ndarray]:
+    """The diagonal Fisher information of the tensors ``names`` on ``dataset``: the mean squared
+    per-image gradient of the cross-entropy loss, estimated as ``E[g**2] / n`` with ``g`` the
+    gradient of a batch's summed loss over its ``n`` images (one backward pass per batch)."""
+    module = GraphModule(graph, params)
+    weights = {name: module.get_buffer(module.slots[name]).requires_grad_() for name in names}
+    totals = {name: torch.zeros_like(weight) for name, weight in weights.items()}
+    preprocess = {"mean": list(config.mean), "std": list(config.std)}
+    batches = 0
+    for part, x in image_batches(dataset.images, preprocess, "cpu", FISHER_BATCH, progress):
+        labels = torch.as_tensor(dataset.labels[part], dtype=torch.long)
+        loss = F.cross_entropy(module(x), labels, reduction="sum")
+        grads = torch.autograd.grad(loss, list(weights.values()))
+        for name, grad in zip(weights, grads, strict=True):
+            totals[name] += grad.square() / (part.stop - part.start)
+        batches += 1
+    return {name: total.numpy() / max(batches, 1) for name, total in totals.items()}
+
+
+def section_cost(name: str, tensor: Tensor) -> int:
+    """The bytes ``tensor``'s section adds to a file: its encoded parts, padded to alignment."""
+    _, body = encode_tensor(name, tensor, 1)
+    return -(-len(body) // DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT
+
+
+def layer_candidates(
+    name: str,
+    weight: np.ndarray,
+    fisher: np.ndarray | None,
+    codings: Iterable[Coding],
+    mask: np.ndarray | None = None,
+) -> list[Candidate]:
+    """The weight encoded by each of ``codings``, less the candidates another beats; without
+    ``fisher``, the sensitivities are plain squared errors."""
+    found = []
+    for coding in codings:
+        tensor = quantize_weight(weight, coding, mask)
+        error = 0.5 * weighted_error(weight, tensor, fisher)
+        found.append(Candidate(coding.bits, tensor, section_cost(name, tensor), error))
+    return undominated(found)
+
+
+def undominated(candidates: Iterable[Candidate]) -> list[Candidate]:
+    """The candidates no other one is as cheap and as accurate as, cheapest first (so more
+    bits that change nothing are never chosen)."""
+    front: list[Candidate] = []
+    for candidate in sorted(candidates, key=lambda c: (c.cost, c.sensitivity)):
+        if not front or candidate.sensitivity < front[-1].sensitivity:
+            front.append(candidate)
+    return front
+
+
+def knapsack(options: list[list[Candidate]], room: int, bucket: int) -> list[int] | None:
+    """One candidate index per layer with the least summed sensitivity such that the costs,
+    each rounded up to ``bucket`` bytes, add up to at most ``room`` (so the real costs do);
+    None when no choice fits."""
+    slots = room // bucket
+    if slots < 0:
+        return None
+    best = np.zeros(slots + 1)  # best[c]: least sensitivity of the layers so far in c buckets
+    picks = []
+    for layer in options:
+        table = np.full((len(layer), slots + 1), np.inf)
+        for row, candidate in enumerate(layer):
+            size = -(-candidate.cost // bucket)
+            if size <= slots:
+                table[row, size:] = best[: slots + 1 - size] + candidate.sensitivity
+        pick = table.argmin(axis=0)
+        best = table[pick, np.arange(slots + 1)]
+        picks.append(pick)
+    if not np.isfinite(best[slots]):
+        return None
+    chosen, left = [], slots
+    for layer, pick in zip(reversed(options), reversed(picks), strict=True):
+        chosen.append(int(pick[left]))
+        left -= -(-layer[chosen[-1]].cost // bucket)
+    return chosen[::-1]
+
+
+def fit(options: dict[str, list[Candidate]], target: int, size_of: SizeOf) -> Choice:
+    """The least sensitive choice whose file, as ``size_of`` measures it, plus HEADROOM fits
+    ``target`` bytes; MbzError naming the smallest reachable size when even the cheapest
+    candidates do not fit."""
+    cheapest = {name: min(layer, key=lambda c: c.cost) for name, layer in options.items()}
+    smallest = check_reachable(cheapest, target, size_of)
+    names, layers = list(options), list(options.values())
+    bucket = max(1, -(-sum(max(c.cost for c in layer) for layer in layers) // BUCKETS))
+    room = target - HEADROOM - (smallest - sum(c.cost for c in cheapest.values()))
+    for _ in range(MAX_ROUNDS):
+        picks = knapsack(layers, room, bucket)
+        if picks is None:
+            break
+        choice = {name: layer[i] for name, layer, i in zip(names, layers, picks, strict=True)}
+        excess = size_of(choice) + HEADROOM - target
+        if excess <= 0:
+            return choice
+        room -= excess
+    return cheapest
+
+
+def check_reachable(choice: Choice, target: int, size_of: SizeOf) -> int:
+    """The bytes of ``choice``'s file; BudgetError when it plus HEADROOM exceeds ``target``."""
+    size = size_of(choice)
+    if size + HEADROOM > target:
+        raise BudgetError(size + HEADROOM)
+    return size
+
+
+def candidate_bits(config: PackConfig, layer: LayerInfo) -> tuple[int, ...]:
+    """The bit widths a layer may get: the one its ``--bits`` rule gives when a rule other
+    than the defaults (conv=4,fc=4) selects it, else every one of CANDIDATE_BITS."""
+    pins = {key: bits for key, bits in config.bits.items() if DEFAULT_BITS.get(key) != bits}
+    pinned = bits_for(pins, layer, 0)
+    return (pinned,) if pinned else CANDIDATE_BITS
+
+
+def choose(
+    graph: dict,
+    params: dict[str, np.ndarray],
+    layers: dict[str, LayerInfo],
+    config: PackConfig,
+    masks: dict[str, np.ndarray],
+    calibration: Dataset,
+    target: int,
+    size_of: SizeOf,
+    progress: Progress = None,
+) -> Choice:
+    """The encodings of the weights ``layers`` (weight tensor name -> its layer) that fit
+    ``target`` bytes with the least summed sensitivity, measured on ``calibration``."""
+    widths = {name: candidate_bits(config, info) for name, info in layers.items()}
+
+    def candidates(name: str, fisher: np.ndarray | None, bits: Iterable[int]) -> list[Candidate]:
+        codings = [Coding.of(config, b) for b in bits]
+        return layer_candidates(name, params[name], fisher, codings, masks.get(name))
+
+    # the fewest bits first: an impossible budget is refused before the sensitivity pass
+    fewest = {name: candidates(name, None, [min(bits)])[0] for name, bits in widths.items()}
+    check_reachable(fewest, target, size_of)
+    fisher = fisher_diagonal(graph, params, layers, config, calibration, progress)
+    options = {name: candidates(name, fisher[name], bits) for name, bits in widths.items()}
+    return fit(options, target, size_of)
+
+
+def check_written(path: Path, size: int, config: PackConfig, fp32_bytes: int) -> None:
+    """MbzError, and no file at ``path``, when the ``size`` bytes written are over the budget:
+    what was added after the choice (quantized activations' graph, fine-tuned index streams)
+    cost more than the HEADROOM kept for it."""
+    target = target_bytes(config, fp32_bytes)
+    if target is None or size <= target:
+        return
+    path.unlink()
+    raise MbzError(
+        f"the file came out at {size:,} bytes, {size - target:,} over the budget of "
+        f"{target:,}: what was added after the bits were chosen (quantized activations, "
+        f"fine-tuning) took more than the {HEADROOM} bytes kept for it; ask for a smaller size"
+    )

@@ -1,0 +1,147 @@
+"""Mixed precision to a byte budget (``--target-ratio``/``--target-size``, ``mbz.budget``), on a
+narrow MobileNet-v2 and synthetic images."""
+
+import itertools
+import re
+
+import numpy as np
+import pytest
+
+import mbz
+from mbz.budget import (
+    CANDIDATE_BITS,
+    HEADROOM,
+    Candidate,
+    fisher_diagonal,
+    fit,
+    knapsack,
+    layer_candidates,
+)
+from mbz.capture import capture
+from mbz.config import PackConfig
+from mbz.data import load_split
+from mbz.fold import fold_batchnorm
+from mbz.format import DenseTensor, encode_mbz, read_mbz
+from mbz.graph_ops import weight_nodes
+from mbz.inspect import describe
+from mbz.pack import quantize_graph
+from mbz.quantize import Coding
+from tests.helpers import invoke, narrow_mobilenet, save_mbz_checkpoint
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "data.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 64),
+        x_test=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 16),
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_mbz_checkpoint(tmp_path_factory.mktemp("model") / "model.pt", narrow_mobilenet())
+
+
+def layer_bits(path) -> dict[str, int]:
+    return {name: facts["bits"] for name, facts in read_mbz(path).metadata["layers"].items()}
+
+
+@pytest.mark.parametrize("ratio", [5.0, 9.5])
+def test_the_file_meets_the_ratio_in_real_bytes(tmp_path, model, data, ratio):
+    out = tmp_path / "m.mbz"
+    result = mbz.pack(model, out, data=str(data), target_ratio=ratio, calib_images=32)
+    assert out.stat().st_size == result.file_bytes
+    assert result.fp32_bytes / out.stat().st_size >= ratio
+    assert read_mbz(out).metadata["pack_config"]["target_ratio"] == ratio
+    bits = set(layer_bits(out).values())
+    assert bits <= set(CANDIDATE_BITS) and len(bits) > 1  # mixed precision, not one width
+
+
+def test_target_size_pins_and_inspect(tmp_path, model, data):
+    out = tmp_path / "m.mbz"
+    target = 160_000
+    invoke("pack", model, "--data", data, "--calib-images", 32, "--target-size", target,
+           "--bits", "fc=8,first=6", "-o", out)
+    assert out.stat().st_size <= target
+    rows = {row["layer"]: row for row in describe(out)["layers"]}
+    assert rows["features.0.0"]["bits"] == 6 and rows["classifier.1"]["bits"] == 8
+    assert {rows[name]["bits"] for name in rows} - {6, 8}  # the others were chosen
+    assert layer_bits(out) == {name: row["bits"] for name, row in rows.items()}
+
+
+def test_an_impossible_budget_names_the_smallest_size_that_works(tmp_path, model, data):
+    out = tmp_path / "m.mbz"
+    refused = invoke("pack", model, "--data", data, "--calib-images", 32, "--target-ratio", 100,
+                     "-o", out, expect=1)
+    assert not out.exists() and "Traceback" not in refused.output
+    errors = [line for line in refused.output.splitlines() if "budget" in line]
+    assert len(errors) == 1 and errors[0].startswith("Error: ")
+    smallest = int(re.search(r"--target-size (\d+)", refused.output).group(1))
+    invoke("pack", model, "--data", data, "--calib-images", 32, "--target-size", smallest,
+           "-o", out)
+    # the named size is tight: the file is within the headroom kept for late metadata
+    assert smallest - 2 * HEADROOM < out.stat().st_size <= smallest
+    assert min(layer_bits(out).values()) == 2
+
+
+def test_a_budget_needs_data(model):
+    refused = invoke("pack", model, "--target-ratio", 10, expect=2)
+    assert "--data" in refused.output
+
+
+def test_knapsack_finds_the_exhaustive_optimum():
+    rng = np.random.default_rng(3)
+    options = [
+        [Candidate(b, DenseTensor(np.zeros(1, np.float32)), int(c), float(s))
+         for b, (c, s) in enumerate(zip(rng.integers(1, 40, 4), rng.random(4), strict=True))]
+        for _ in range(5)
+    ]
+    for room in (20, 60, 100, 150):
+        fitting = [
+            combo for combo in itertools.product(range(4), repeat=5)
+            if sum(options[i][p].cost for i, p in enumerate(combo)) <= room
+        ]
+        picks = knapsack(options, room, bucket=1)
+        if not fitting:
+            assert picks is None
+            continue
+        best = min(sum(options[i][p].sensitivity for i, p in enumerate(c)) for c in fitting)
+        assert sum(options[i][p].cost for i, p in enumerate(picks)) <= room
+        assert sum(options[i][p].sensitivity for i, p in enumerate(picks)) == pytest.approx(best)
+        # coarse buckets round costs up: the choice still fits in real bytes
+        coarse = knapsack(options, room, bucket=7)
+        if coarse is not None:
+            assert sum(options[i][p].cost for i, p in enumerate(coarse)) <= room
+
+
+def test_tighter_budgets_never_cost_more_bytes_nor_lose_less(data):
+    captured = capture(narrow_mobilenet())
+    graph, params = captured.graph, dict(captured.params)
+    fold_batchnorm(graph, params)
+    config = PackConfig()
+    names = [node["params"]["weight"] for node in weight_nodes(graph)]
+    fisher = fisher_diagonal(graph, params, names, config, load_split(str(data), "train"))
+    codings = [Coding.of(config, bits) for bits in CANDIDATE_BITS]
+    options = {n: layer_candidates(n, params[n], fisher[n], codings) for n in names}
+
+    def size_of(choice):
+        tensors, layers = quantize_graph(graph, params, config, {}, choice)
+        return len(encode_mbz({"layers": layers}, tensors))
+
+    high = size_of({n: max(c, key=lambda c: c.cost) for n, c in options.items()})
+    low = size_of({n: min(c, key=lambda c: c.cost) for n, c in options.items()})
+    previous = None
+    for target in np.linspace(high + 2000, low + 1100, 7).astype(int):
+        choice = fit(options, int(target), size_of)
+        size, loss = size_of(choice), sum(c.sensitivity for c in choice.values())
+        assert size <= target
+        if previous is not None:
+            assert size <= previous[0] and loss >= previous[1]
+        previous = (size, loss)
+    assert previous[1] > 0
