@@ -105,6 +105,7 @@ def prepare_pack(
     trust_pickle: bool = False,
     on_stage: Callable[[str], None] | None = None,
     on_step: Callable[[StepReport], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
     **options: Any,
 ) -> PackJob:
     """Load and check everything ``pack`` needs (see ``pack``), before any slow work.
@@ -126,9 +127,11 @@ def prepare_pack(
     if config.act_bits or config.budgeted:
         calibration = load_calibration(data, data_root, config.calib_images)
         job.calibration = _checked(calibration, None, shape)
-    if config.finetune_epochs:
-        train = _checked(load_training(data, data_root), limit_train, shape)
-        job.tuning = Tuning.of(train, config, on_stage=on_stage, on_step=on_step)
+    if config.finetuning:
+        teacher = loaded.module if config.distill_weight else None  # labels unlabelled images
+        train = load_training(data, data_root, teacher, config)
+        train = _checked(train, limit_train, shape)
+        job.tuning = Tuning.of(train, config, None, on_stage, on_step, on_epoch)
     return job
 
 
@@ -150,7 +153,8 @@ def pack(
     ("conv=4,fc=2" or a dict, overlaid on conv=4,fc=4), ``method``, ``prune``, ``prune_mode``,
     ``symmetric``, ``per_channel``, ``huffman``, ``act_bits`` ("8", "relu=4,add=8" or a dict),
     ``calib``, ``calib_images``, ``calib_percentile``, ``mean``, ``std``, ``finetune_epochs``,
-    ``finetune_lr``, ``l1``, ``prune_steps``, ``val_fraction``, ``seed``,
+    ``finetune_steps``, ``finetune_lr``, ``distill_weight``, ``temperature``, ``l1``,
+    ``prune_steps``, ``val_fraction``, ``seed``,
     ``target_ratio``, ``target_size``.
 
     ``data`` (``"cifar10"``, an .npz or a cifar-10-batches-py folder; ``data_root`` for
@@ -158,7 +162,8 @@ def pack(
     the packed one are evaluated on the first ``limit`` test images; ``act_bits`` calibrates on
     its train split and ``finetune_epochs`` fine-tunes on it (its first ``limit_train`` images).
     ``progress`` is called with the number of images done; fine-tuning calls ``on_stage(name)``
-    as each stage starts and ``on_step(report)`` after every step (``mbz.training.StepReport``).
+    as each stage starts, ``on_step(report)`` after every step (``mbz.training.StepReport``)
+    and ``on_epoch(stats)`` with each epoch's loss and held-out accuracy.
     Returns the PackResult: ``path``, ``file_bytes``, ``ratio``,
     ``accuracy`` (packed, stored in the file), ``float_accuracy``.
     """
@@ -210,9 +215,9 @@ def _check_data_needs(config: PackConfig, data: str | None, limit_train: int | N
             "--target-ratio/--target-size need --data: the bits per layer are chosen by "
             "their effect on the loss over its train split"
         )
-    if config.finetune_epochs and data is None:
+    if config.finetuning and data is None:
         raise ValueError("--finetune-epochs needs --data with a train split to train on")
-    if limit_train is not None and not config.finetune_epochs:
+    if limit_train is not None and not config.finetuning:
         raise ValueError("--limit-train limits the images of fine-tuning: add --finetune-epochs")
 
 

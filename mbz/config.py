@@ -34,7 +34,17 @@ _LISTED_NAMES = 12  # how many layer or point names an error message lists
 # without them, so that files packed without --act-bits stay byte-identical.
 _ACT_FIELDS = ("act_bits", "calib", "calib_images", "calib_percentile")
 # Fine-tuning fields (``--finetune-epochs`` > 0); left out of the metadata without fine-tuning.
-_FINETUNE_FIELDS = ("finetune_epochs", "finetune_lr", "l1", "prune_steps", "val_fraction", "seed")
+_FINETUNE_FIELDS = (
+    "finetune_epochs",
+    "finetune_steps",
+    "finetune_lr",
+    "distill_weight",
+    "temperature",
+    "l1",
+    "prune_steps",
+    "val_fraction",
+    "seed",
+)
 # Byte budget fields (``--target-ratio``/``--target-size``); left out of the metadata without one.
 _BUDGET_FIELDS = ("target_ratio", "target_size")
 
@@ -221,8 +231,11 @@ class PackConfig:
     calib: str = "mse"
     calib_images: int = 256
     calib_percentile: float = 99.99
-    finetune_epochs: int = 0  # 0: post-training compression only
+    finetune_epochs: float = 0  # passes per fine-tuning run, fractions allowed; 0: none
+    finetune_steps: int = 0  # optimizer steps per fine-tuning run instead of epochs; 0: none
     finetune_lr: float = 0.01  # peak learning rate of each fine-tuning run (cosine to 0)
+    distill_weight: float = 0.7  # share of the loss that is KL to the float model's logits
+    temperature: float = 4.0  # softening of both logits in the distillation loss
     l1: float = 1e-4  # L1 penalty on BatchNorm gammas while fine-tuning channel pruning
     prune_steps: int = 2  # rounds of channel pruning, each followed by fine-tuning
     val_fraction: float = 0.1  # share of the train split held out to pick the best epoch
@@ -270,6 +283,14 @@ class PackConfig:
     def _validate_finetuning(self) -> None:
         checks = {
             f"fine-tuning epochs {self.finetune_epochs} must be >= 0": self.finetune_epochs >= 0,
+            f"fine-tuning steps {self.finetune_steps} must be >= 0": self.finetune_steps >= 0,
+            "give fine-tuning epochs or steps, not both": not (
+                self.finetune_epochs and self.finetune_steps
+            ),
+            f"distillation weight {self.distill_weight} must be in [0, 1]": (
+                0 <= self.distill_weight <= 1
+            ),
+            f"temperature {self.temperature} must be > 0": self.temperature > 0,
             f"fine-tuning learning rate {self.finetune_lr} must be > 0": self.finetune_lr > 0,
             f"L1 penalty {self.l1} must be >= 0": self.l1 >= 0,
             f"prune steps {self.prune_steps} must be >= 1": self.prune_steps >= 1,
@@ -292,10 +313,15 @@ class PackConfig:
         """Whether the bits per layer are chosen to fit a file size (``target_*`` given)."""
         return bool(self.target_ratio or self.target_size)
 
+    @property
+    def finetuning(self) -> bool:
+        """Whether packing fine-tunes (``finetune_epochs`` or ``finetune_steps`` given)."""
+        return bool(self.finetune_epochs or self.finetune_steps)
+
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples as lists); the activation fields only with ``act_bits``, the
-        fine-tuning fields only with ``finetune_epochs``, the budget fields (and ``calib_images``,
-        the images sensitivities were measured on) only with a budget."""
+        fine-tuning fields only when fine-tuning, the budget fields (and ``calib_images``, the
+        images sensitivities were measured on) only with a budget."""
         out = asdict(self)
         out["mean"], out["std"] = list(self.mean), list(self.std)
         if not self.act_bits:
@@ -305,7 +331,7 @@ class PackConfig:
         if not self.budgeted:
             for key in _BUDGET_FIELDS:
                 del out[key]
-        if not self.finetune_epochs:
+        if not self.finetuning:
             for key in _FINETUNE_FIELDS:
                 del out[key]
         return out

@@ -278,11 +278,14 @@ def pack(
 
     With ``config.act_bits``, activations are calibrated on ``calibration`` (training images)
     after the weights are quantized, so the accuracy measured is the fully quantized model's.
-    With ``config.finetune_epochs``, ``tuning`` (``Tuning.of(train split, config)``) fine-tunes
-    the pruning and then the quantized model, activation quantization included.
+    With ``config.finetune_epochs`` (or ``finetune_steps``), ``tuning`` (``Tuning.of(train
+    split, config)``) fine-tunes the pruning and then the quantized model, activation
+    quantization included, distilling from ``loaded`` (``config.distill_weight``).
     """
     start = time.perf_counter()
     tuning = _checked_tuning(config, tuning)
+    if tuning is not None:
+        tuning = tuning.taught_by(loaded.module)
     graph, params, tensors, layers = compress(loaded, config, tuning, calibration, progress)
     metadata = build_metadata(loaded, config, graph, layers, None)
     peaks = None
@@ -319,7 +322,7 @@ def pack(
 
 def _checked_tuning(config: PackConfig, tuning: Tuning | None) -> Tuning | None:
     """``tuning`` when ``config`` asks for fine-tuning (MbzError if it is missing), else None."""
-    if not config.finetune_epochs:
+    if not config.finetuning:
         return None
     if tuning is None:
         raise MbzError(

@@ -124,12 +124,29 @@ _PACK_FLAGS: dict[str, Flag] = {
         "Fine-tune on --data's train split after each compression step: channel pruning in "
         "--prune-steps rounds of this many epochs each (network slimming), weight pruning "
         "gradually (cubic schedule), then the quantized model (k-means centroids, uniform QAT "
-        "with learned scales, quantized activations in place) for this many epochs. 0 packs "
-        "post-training only.",
+        "with learned scales, quantized activations in place) for this many epochs; fractions "
+        "such as 0.5 allowed. Each run keeps its best state on the held-out split, the state "
+        "it started from when no epoch beats it. 0 packs post-training only.",
+        click.FloatRange(min=0),
+    ),
+    "finetune_steps": Flag(
+        "Fine-tune for this many optimizer steps (batches of 128) per run instead of "
+        "--finetune-epochs.",
         click.IntRange(min=0),
     ),
     "finetune_lr": Flag(
         "Peak learning rate of each fine-tuning run (SGD, cosine decay to 0).",
+        click.FloatRange(min=0, min_open=True),
+    ),
+    "distill_weight": Flag(
+        "Fine-tuning distils from the float model before compression (the teacher, in eval "
+        "mode): the loss is (1 - W) x cross-entropy on the labels + W x KL divergence to the "
+        "teacher's softened logits. 0 trains on the labels alone. With W > 0, an .npz with "
+        "x_train but no y_train may be fine-tuned on (the teacher labels it).",
+        click.FloatRange(0, 1),
+    ),
+    "temperature": Flag(
+        "Softening of the student's and teacher's logits in the distillation loss.",
         click.FloatRange(min=0, min_open=True),
     ),
     "l1": Flag(
