@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import mbz
+from mbz.budget import BudgetError
 
 # name -> pack options (post-training: no fine-tuning)
 SETTINGS: dict[str, dict] = {
@@ -34,6 +35,8 @@ SETTINGS: dict[str, dict] = {
     "uniform 3/3": {"bits": "conv=3,fc=3", "method": "uniform"},
     "prune 0.36 kmeans 4/2 plain": {"bits": "conv=4,fc=2", "prune": 0.36, "codebook": "plain"},
     "prune 0.36 kmeans 4/2": {"bits": "conv=4,fc=2", "prune": 0.36},
+    # bits per layer chosen for a size (mbz.budget); a ratio below the smallest file is reported
+    **{f"target {r}x": {"target_ratio": r, "huffman": True} for r in (10, 15, 20, 30, 40)},
 }
 
 
@@ -56,12 +59,17 @@ def run(args: argparse.Namespace) -> dict:
     common = {"data": args.data, "arch": args.arch, "limit": args.limit}
     if args.mean:
         common |= {"mean": args.mean, "std": args.std}
-    rows = []
+    rows, unreachable = [], []
     names = args.only or list(SETTINGS)
     for name in names:
         start = time.perf_counter()
         output = args.out / f"{name.replace(' ', '_').replace('/', '-')}.mbz"
-        result = mbz.pack(args.model, output, **common, **SETTINGS[name])
+        try:
+            result = mbz.pack(args.model, output, **common, **SETTINGS[name])
+        except BudgetError as error:
+            unreachable.append({"name": name, "options": SETTINGS[name], "error": str(error)})
+            print(f"| {name} | smallest {error.smallest:,} | | | |", flush=True)
+            continue
         top1, base = result.accuracy["top1"], result.float_accuracy["top1"]
         row = {
             "name": name,
@@ -76,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
         rows.append(row)
         print(f"| {name} | {row['file_bytes']:,} | {row['ratio']:.1f}x | {100 * top1:.2f}% "
               f"| {row['drop_pt']:+.2f} |", flush=True)
-    return {"rows": rows, "pareto": pareto(rows)}
+    return {"rows": rows, "pareto": pareto(rows), "unreachable": unreachable}
 
 
 def main() -> None:
