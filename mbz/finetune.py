@@ -33,11 +33,11 @@ from mbz.config import PackConfig
 from mbz.data import Dataset, load_split, load_unlabelled
 from mbz.errors import MbzError
 from mbz.evaluate import pick_device
-from mbz.format import Tensor, UniformTensor
+from mbz.format import Tensor
 from mbz.format.encodings import encoding_of
 from mbz.graph_ops import weight_nodes
 from mbz.prune import batchnorm_keep_masks, magnitude_masks, plan_channels
-from mbz.qat import TRAINABLE, TrainableGraph, least_squares_uniform
+from mbz.qat import TRAINABLE, TrainableGraph
 from mbz.train_distill import Distillation
 from mbz.train_recipe import Recipe
 from mbz.training import FitResult, Objective, StepReport, evaluate_model, fit, split_holdout
@@ -342,14 +342,10 @@ def finetune_quantized(
     """Fine-tune the quantized model (``graph`` with its activation quantize nodes, weights
     stored as ``tensors``, float ``params`` as the latent weights of uniform QAT); returns the
     tensors of its best epoch (or of the start), ``tensors`` themselves when nothing is
-    quantized. Uniform QAT starts from least-squares ranges (``least_squares_uniform``)."""
+    quantized."""
     stage = _stage(graph, tensors)
     if stage is None:
         return tensors
-    tensors = {
-        name: least_squares_uniform(params[name], t) if isinstance(t, UniformTensor) else t
-        for name, t in tensors.items()
-    }
     model = TrainableGraph(graph, params, tensors)
     result = tuning.fit(model, stage, 0.0, after_step=TrainableGraph.apply_masks)
     model.load_state_dict(result.best_state)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,7 +43,6 @@ from mbz.graph_ops import weight_nodes
 from mbz.torch_graph import GraphModule
 
 MIN_SCALE = 1e-8  # learned scales are clamped to at least this, so codes stay finite
-CLIP_RATIOS = np.linspace(0.1, 1.0, 46)  # shares of the min-max range tried by ``mse_ranges``
 
 
 def straight_through(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -189,46 +188,6 @@ class ScaledCodebookWeight(CodebookWeight):
             mask=template.mask,
             entropy=template.entropy,
         )
-
-
-def mse_ranges(latent: np.ndarray, tensor: UniformTensor) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, zero_point) per row of ``tensor`` (per channel or per tensor) whose codes of
-    ``latent`` decode with the least squared error, over ranges that clip ``tensor``'s own
-    (min-max) range to each of CLIP_RATIOS (1.0 included, so never a worse fit than it).
-
-    At 2 bits the min-max range spends its 4 levels on the outliers: most weights of a layer
-    round to the one level nearest zero, and the post-training model is at chance (measured
-    on MobileNet-v2, CIFAR-10 fragment); QAT cannot climb out of that with steps of 0.01.
-    """
-    rows = tensor.scale.size
-    weights = latent.reshape(rows, -1).astype(np.float32)[None]  # [1, rows, k]
-    keep = 1.0 if tensor.mask is None else tensor.mask.reshape(rows, -1)
-    top = 2**tensor.bits - 1
-    zero = tensor.zero_point.astype(np.float32).reshape(rows)
-    low, high = -zero * tensor.scale, (top - zero) * tensor.scale  # the min-max range
-    ratios = CLIP_RATIOS[:, None].astype(np.float32)  # [r, 1]
-    scale = np.maximum(ratios * (high - low) / top, MIN_SCALE)  # [r, rows]
-    # symmetric codes (zero point 2^(bits-1) everywhere) keep their zero points
-    symmetric = np.all(tensor.zero_point == 2 ** (tensor.bits - 1))
-    moved = np.clip(np.round(-ratios * low / scale), 0, top)
-    points = np.broadcast_to(zero, scale.shape) if symmetric else moved
-    codes = np.clip(np.round(weights / scale[..., None]) + points[..., None], 0, top)
-    error = (((codes - points[..., None]) * scale[..., None] - weights) ** 2 * keep).sum(axis=2)
-    best = error.argmin(axis=0)
-    chosen = np.arange(rows)
-    return scale[best, chosen].astype(np.float32), points[best, chosen].astype(np.float32)
-
-
-def least_squares_uniform(latent: np.ndarray, tensor: UniformTensor) -> UniformTensor:
-    """``tensor`` re-encoded from ``latent`` over the ranges of ``mse_ranges``: where uniform
-    QAT starts (layout, bits, mask and entropy coding kept)."""
-    scale, zero_point = mse_ranges(latent, tensor)
-    rows = latent.reshape(scale.size, -1)
-    codes = np.clip(np.round(rows / scale[:, None]) + zero_point[:, None], 0, 2**tensor.bits - 1)
-    qdata = codes.astype(np.uint8).reshape(latent.shape)
-    if tensor.mask is not None:
-        qdata[~tensor.mask] = 0
-    return replace(tensor, qdata=qdata, scale=scale, zero_point=zero_point.astype(np.uint8))
 
 
 class UniformWeight(nn.Module):
