@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from mbz.budget import PROBE_IMAGES
 from mbz.calibrate import activation_points, load_calibration
 from mbz.capture import capture
 from mbz.checkpoint import LoadedModel, load_model
@@ -73,8 +74,15 @@ class PackJob:
     def images(self) -> int:
         """How many images ``run`` reports to its progress callback in all."""
         test = 2 * len(self.dataset) if self.dataset is not None else 0
+        test += self._probe_images()
         passes = bool(self.config.act_bits) + self.config.budgeted  # over the train images
         return test + (passes * len(self.calibration) if self.calibration is not None else 0)
+
+    def _probe_images(self) -> int:
+        """Images the byte budget's per-layer probes report (``mbz.budget.probe_kl``)."""
+        if not self.config.budgeted or self.calibration is None:
+            return 0
+        return len(weight_nodes(self.probe.graph)) * min(PROBE_IMAGES, len(self.calibration))
 
     def run(self, progress: Progress = None) -> PackResult:
         """Measure the float model, then compress, evaluate and write (``mbz.pack.pack``)."""
