@@ -3,10 +3,12 @@
 Each quantizable layer gets candidate encodings, one per bit width of ``CANDIDATE_BITS`` (a single
 one when a ``--bits`` rule pins the layer). A candidate's *cost* is the exact number of bytes its
 section adds to the file (``mbz.format``'s encoding of the tensor, Huffman included, rounded up to
-the section alignment); its *sensitivity* is the increase in loss it is expected to cause,
+the section alignment); its *sensitivity* is the increase in loss it is expected to cause:
 ``0.5 * sum(F * (w - q(w))**2)``, with ``F`` the diagonal Fisher information of the folded float
-model on calibration images (the second-order term of the loss around trained weights, whose
-gradient is about zero). A knapsack over the costs rounded *up* to a bucket of bytes picks the
+model on calibration images (the second-order term of the loss around trained weights), scaled
+per layer so that at PROBE_BITS it equals the measured KL divergence of the logits from the float
+model's with that layer alone quantized (the diagonal misses how errors add up over a wide
+layer's inputs). A knapsack over the costs rounded *up* to a bucket of bytes picks the
 candidate per layer with the least summed sensitivity whose rounded costs fit the room left for
 weights, so their real bytes fit too. What the rest of the file costs (biases, metadata, header,
 table, padding) is measured on the file a choice makes; when that file is over the budget, the
