@@ -365,7 +365,8 @@ def _descriptors(metadata: dict, entries: list[_Entry], minor: int) -> dict[str,
     table = metadata.pop(TENSORS_KEY, None)
     if not isinstance(table, dict):
         raise MbzFormatError("metadata has no 'tensors' object")
-    descriptors, owners = {}, {}
+    descriptors: dict[str, Descriptor] = {}
+    owners: dict[int, str] = {}
     for name, obj in table.items():
         desc = parse_descriptor(name, obj, strict=minor <= VERSION_MINOR)
         if ENCODING_SINCE_MINOR[desc.encoding] > minor:
@@ -396,7 +397,7 @@ def expected_parts(desc: Descriptor) -> list[tuple[str, int | None]]:
     if desc.sparsity == Sparsity.BITMAP:
         parts.append((PART_MASK, (desc.count + 7) // 8))
     elif desc.sparsity == Sparsity.CSR:
-        parts.append((PART_GAPS, (desc.csr_entries * desc.csr_bits + 7) // 8))
+        parts.append((PART_GAPS, (desc.need("csr_entries") * desc.need("csr_bits") + 7) // 8))
     return parts
 
 
@@ -431,7 +432,9 @@ def _keep_mask(desc: Descriptor, parts: dict) -> np.ndarray | None:
     if desc.sparsity == Sparsity.BITMAP:
         return decode_bitmap(parts[PART_MASK], desc.count, desc.nnz)
     if desc.sparsity == Sparsity.CSR:
-        return decode_csr(parts[PART_GAPS], desc.count, desc.nnz, desc.csr_bits, desc.csr_entries)
+        return decode_csr(
+            parts[PART_GAPS], desc.count, desc.nnz, desc.need("csr_bits"), desc.need("csr_entries")
+        )
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from .checks import is_utf8
 from .constants import (
@@ -55,6 +56,13 @@ class Descriptor:
     def count(self) -> int:
         """Number of elements of the full tensor."""
         return math.prod(self.shape)
+
+    def need(self, key: Literal["bits", "k", "csr_bits", "csr_entries"]) -> int:
+        """A field that the descriptor's encoding or sparsity has (parse_descriptor checked it)."""
+        value = getattr(self, key)
+        if value is None:
+            raise MbzFormatError(f"tensor {self.name!r}: descriptor has no {key!r}")
+        return value
 
     def keys(self) -> tuple[str, ...]:
         """The exact set of JSON keys this descriptor has."""

@@ -8,6 +8,7 @@ parts' bytes and rebuild the tensor, checking every value against the descriptor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -70,18 +71,18 @@ class CodebookCodec:
 
     def part_sizes(self, desc: Descriptor) -> PartSizes:
         """The parts a descriptor implies, with their exact lengths."""
-        return [(PART_CODEBOOK, 4 * desc.k), *stream_sizes(desc, PART_INDICES)]
+        return [(PART_CODEBOOK, 4 * desc.need("k")), *stream_sizes(desc, PART_INDICES)]
 
     def decode(self, desc: Descriptor, parts: dict, keep: np.ndarray | None) -> CodebookTensor:
         """Rebuild the tensor from its parts."""
         codebook = np.frombuffer(parts[PART_CODEBOOK], "<f4").astype(np.float32)
         if not np.isfinite(codebook).all():
             raise MbzFormatError("codebook holds a NaN or infinity")
-        indices = decode_stream(desc, parts, PART_INDICES, desc.k)
+        indices = decode_stream(desc, parts, PART_INDICES, desc.need("k"))
         return CodebookTensor(
             codebook=codebook,
             indices=_scatter(indices, desc, keep),
-            bits=desc.bits,
+            bits=desc.need("bits"),
             mask=_full_mask(desc, keep),
             entropy=desc.entropy,
         )
@@ -120,14 +121,15 @@ class UniformCodec:
         if not (np.isfinite(scale) & (scale > 0)).all():
             raise MbzFormatError("a scale is not finite and > 0")
         zero_point = np.frombuffer(parts[PART_ZERO_POINT], np.uint8).copy()
-        if zero_point.max(initial=0) >= 2**desc.bits:
-            raise MbzFormatError(f"a zero point is >= 2**bits = {2**desc.bits}")
-        qdata = decode_stream(desc, parts, PART_QDATA, 2**desc.bits)
+        bits = desc.need("bits")
+        if zero_point.max(initial=0) >= 2**bits:
+            raise MbzFormatError(f"a zero point is >= 2**bits = {2**bits}")
+        qdata = decode_stream(desc, parts, PART_QDATA, 2**bits)
         return UniformTensor(
             qdata=_scatter(qdata, desc, keep),
             scale=scale,
             zero_point=zero_point,
-            bits=desc.bits,
+            bits=bits,
             axis=desc.axis,
             mask=_full_mask(desc, keep),
             entropy=desc.entropy,
@@ -157,7 +159,7 @@ class ScaledCodebookCodec:
         """The parts a descriptor implies, with their exact lengths."""
         return [
             (PART_SCALE, 2 * _channels(desc)),
-            (PART_CODEBOOK, 2 * desc.k),
+            (PART_CODEBOOK, 2 * desc.need("k")),
             *stream_sizes(desc, PART_INDICES),
         ]
 
@@ -171,19 +173,31 @@ class ScaledCodebookCodec:
         codebook = np.frombuffer(parts[PART_CODEBOOK], "<f2").astype(np.float16)
         if not np.isfinite(codebook).all():
             raise MbzFormatError("codebook holds a NaN or infinity")
-        indices = decode_stream(desc, parts, PART_INDICES, desc.k)
+        indices = decode_stream(desc, parts, PART_INDICES, desc.need("k"))
         return ScaledCodebookTensor(
             codebook=codebook,
             scale=scale,
             indices=_scatter(indices, desc, keep),
-            bits=desc.bits,
+            bits=desc.need("bits"),
             axis=desc.axis if desc.axis is not None else 0,
             mask=_full_mask(desc, keep),
             entropy=desc.entropy,
         )
 
 
-Codec = DenseCodec | CodebookCodec | UniformCodec | ScaledCodebookCodec
+class Codec(Protocol):
+    """What the registry holds. ``encode`` takes the tensor class of its encoding (the one
+    ``encoding_of`` maps to it), a pairing the registry's key type cannot express: hence Any."""
+
+    @property
+    def encoding(self) -> Encoding: ...
+
+    def encode(self, tensor: Any, keep: np.ndarray | None) -> tuple[dict, Parts]: ...
+
+    def part_sizes(self, desc: Descriptor) -> PartSizes: ...
+
+    def decode(self, desc: Descriptor, parts: dict, keep: np.ndarray | None) -> Tensor: ...
+
 
 CODECS: dict[Encoding, Codec] = {
     Encoding.F32: DenseCodec(Encoding.F32, "<f4"),
@@ -222,14 +236,14 @@ def encode_stream(
 def stream_sizes(desc: Descriptor, part: str) -> PartSizes:
     """The parts of an index stream (a Huffman stream's length is variable)."""
     if desc.entropy == Entropy.FIXED:
-        return [(part, packed_size(desc.nnz, desc.bits))]
-    return [(PART_CODE_LENGTHS, 2**desc.bits), (part, None)]
+        return [(part, packed_size(desc.nnz, desc.need("bits")))]
+    return [(PART_CODE_LENGTHS, 2 ** desc.need("bits")), (part, None)]
 
 
 def decode_stream(desc: Descriptor, parts: dict, part: str, alphabet: int) -> np.ndarray:
     """The ``nnz`` stored symbols of an index stream, each checked to be < ``alphabet``."""
     if desc.entropy == Entropy.FIXED:
-        values = unpack_bits(parts[part], desc.nnz, desc.bits)
+        values = unpack_bits(parts[part], desc.nnz, desc.need("bits"))
     else:
         lengths = np.frombuffer(parts[PART_CODE_LENGTHS], np.uint8)
         check_lengths(lengths, desc.nnz, alphabet)

@@ -41,10 +41,17 @@ def parse_json(data: bytes | memoryview) -> dict:
 def _unique_object(pairs: list[tuple[str, object]]) -> dict:
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        seen: set[str] = set()
-        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise MbzFormatError(f"metadata has duplicate JSON key {duplicate!r}")
+        raise MbzFormatError(f"metadata has duplicate JSON key {_first_repeat(pairs)!r}")
     return obj
+
+
+def _first_repeat(pairs: list[tuple[str, object]]) -> str:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    raise ValueError("no key repeats")
 
 
 def _no_constant(name: str) -> float:
@@ -58,9 +65,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _check_depth(obj: object) -> None:
+def _check_depth(obj: dict) -> None:
     """Reject nesting deeper than MAX_JSON_DEPTH (iterative, so no recursion limit is hit)."""
-    stack = [(obj, 1)]
+    stack: list[tuple[dict | list, int]] = [(obj, 1)]
     while stack:
         value, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
