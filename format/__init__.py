@@ -5,7 +5,7 @@ both sides use: ``DenseTensor``, ``CodebookTensor``, ``UniformTensor``,
 ``ScaledCodebookTensor``. SPEC.md is normative.
 """
 
-from .constants import Encoding, Entropy, SectionKind, Sparsity
+from .constants import Encoding, Entropy, Op, SectionKind, Sparsity
 from .container import Layout, MbzFile, SectionInfo, decode_mbz, encode_mbz, read_mbz, write_mbz
 from .errors import MbzFormatError
 from .limits import DEFAULT_LIMITS, Limits
@@ -21,6 +21,7 @@ __all__ = [
     "Limits",
     "MbzFile",
     "MbzFormatError",
+    "Op",
     "ScaledCodebookTensor",
     "SectionInfo",
     "SectionKind",

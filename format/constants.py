@@ -3,7 +3,7 @@
 SPEC.md is the normative text; this module is its one machine-readable copy.
 """
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 MAGIC = b"\x89MBZ\r\n\x1a\n"
 VERSION_MAJOR = 1
@@ -73,20 +73,37 @@ ENCODING_NAMES = {e: e.name.lower() for e in Encoding}
 SPARSITY_NAMES = {s: s.name.lower() for s in Sparsity}
 ENTROPY_NAMES = {e: e.name.lower() for e in Entropy}
 
-# Graph operators the runtime executes (SPEC.md, "The graph"). Each maps to the parameter
-# tensors it names and the attributes it requires.
-GRAPH_OPS: dict[str, dict[str, tuple[str, ...]]] = {
-    "conv2d": {"params": ("weight", "bias"), "attrs": ("stride", "padding", "dilation", "groups")},
-    "linear": {"params": ("weight", "bias"), "attrs": ()},
-    "batchnorm": {"params": ("scale", "shift"), "attrs": ()},
-    "relu": {"params": (), "attrs": ()},
-    "relu6": {"params": (), "attrs": ()},
-    "add": {"params": (), "attrs": ()},
-    "avgpool2d": {"params": (), "attrs": ("kernel", "stride", "padding")},
-    "maxpool2d": {"params": (), "attrs": ("kernel", "stride", "padding")},
-    "global_avgpool": {"params": (), "attrs": ()},
-    "flatten": {"params": (), "attrs": ()},
-    "quantize": {"params": (), "attrs": ("bits", "scale", "zero_point")},
+
+class Op(StrEnum):
+    """A graph operator the runtime executes (SPEC.md, "The graph"); the value is the ``op``
+    string of a node in the file. Every per-op table of every layer is keyed by it."""
+
+    CONV2D = "conv2d"
+    LINEAR = "linear"
+    BATCHNORM = "batchnorm"
+    RELU = "relu"
+    RELU6 = "relu6"
+    ADD = "add"
+    AVGPOOL2D = "avgpool2d"
+    MAXPOOL2D = "maxpool2d"
+    GLOBAL_AVGPOOL = "global_avgpool"
+    FLATTEN = "flatten"
+    QUANTIZE = "quantize"
+
+
+# Each op's parameter tensors (by role) and required attributes.
+GRAPH_OPS: dict[Op, dict[str, tuple[str, ...]]] = {
+    Op.CONV2D: {"params": ("weight", "bias"), "attrs": ("stride", "padding", "dilation", "groups")},
+    Op.LINEAR: {"params": ("weight", "bias"), "attrs": ()},
+    Op.BATCHNORM: {"params": ("scale", "shift"), "attrs": ()},
+    Op.RELU: {"params": (), "attrs": ()},
+    Op.RELU6: {"params": (), "attrs": ()},
+    Op.ADD: {"params": (), "attrs": ()},
+    Op.AVGPOOL2D: {"params": (), "attrs": ("kernel", "stride", "padding")},
+    Op.MAXPOOL2D: {"params": (), "attrs": ("kernel", "stride", "padding")},
+    Op.GLOBAL_AVGPOOL: {"params": (), "attrs": ()},
+    Op.FLATTEN: {"params": (), "attrs": ()},
+    Op.QUANTIZE: {"params": (), "attrs": ("bits", "scale", "zero_point")},
 }
 
 # Binary layout (struct formats, little-endian). The table CRC covers the header's first

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbz.errors import MbzError
+from mbz.format.constants import Op
 
 Tensors = list[torch.Tensor]
-Op = Callable[[Tensors, dict[str, torch.Tensor], dict], torch.Tensor]
+OpFunction = Callable[[Tensors, dict[str, torch.Tensor], dict], torch.Tensor]
 
 
 def _conv2d(xs: Tensors, p: dict[str, torch.Tensor], a: dict) -> torch.Tensor:
@@ -41,18 +42,18 @@ def _quantize(xs: Tensors, _: dict[str, torch.Tensor], a: dict) -> torch.Tensor:
     )
 
 
-OPS: dict[str, Op] = {
-    "conv2d": _conv2d,
-    "linear": lambda xs, p, _: F.linear(xs[0], p["weight"], p["bias"]),
-    "batchnorm": _batchnorm,
-    "relu": lambda xs, _p, _a: F.relu(xs[0]),
-    "relu6": lambda xs, _p, _a: F.relu6(xs[0]),
-    "add": lambda xs, _p, _a: xs[0] + xs[1],
-    "avgpool2d": _avgpool2d,
-    "maxpool2d": _maxpool2d,
-    "global_avgpool": lambda xs, _p, _a: F.adaptive_avg_pool2d(xs[0], 1),
-    "flatten": lambda xs, _p, _a: torch.flatten(xs[0], 1),
-    "quantize": _quantize,
+OPS: dict[Op, OpFunction] = {
+    Op.CONV2D: _conv2d,
+    Op.LINEAR: lambda xs, p, _: F.linear(xs[0], p["weight"], p["bias"]),
+    Op.BATCHNORM: _batchnorm,
+    Op.RELU: lambda xs, _p, _a: F.relu(xs[0]),
+    Op.RELU6: lambda xs, _p, _a: F.relu6(xs[0]),
+    Op.ADD: lambda xs, _p, _a: xs[0] + xs[1],
+    Op.AVGPOOL2D: _avgpool2d,
+    Op.MAXPOOL2D: _maxpool2d,
+    Op.GLOBAL_AVGPOOL: lambda xs, _p, _a: F.adaptive_avg_pool2d(xs[0], 1),
+    Op.FLATTEN: lambda xs, _p, _a: torch.flatten(xs[0], 1),
+    Op.QUANTIZE: _quantize,
 }
 
 

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from mbz.format.checks import is_int, json_int, json_scale, json_str
-from mbz.format.constants import GRAPH_OPS, MAX_BITS, MIN_BITS
+from mbz.format.constants import GRAPH_OPS, MAX_BITS, MIN_BITS, Op
 from mbz.format.errors import MbzFormatError
 from mbz.format.limits import DEFAULT_LIMITS, FLOAT32_BYTES, Limits, raise_hint
 
@@ -26,7 +26,7 @@ MAX_NODES = 100_000
 GRAPH_KEYS = ("input", "input_shape", "output", "nodes")
 NODE_KEYS = ("name", "op", "inputs", "output", "params", "attrs")
 PAIR_MINIMUM = {"stride": 1, "padding": 0, "dilation": 1, "kernel": 1}
-WINDOW_OPS = frozenset({"conv2d", "avgpool2d", "maxpool2d"})
+WINDOW_OPS = frozenset({Op.CONV2D, Op.AVGPOOL2D, Op.MAXPOOL2D})
 
 Shape = tuple[int, ...]
 
@@ -135,14 +135,14 @@ def _check_node_fields(node: Any, label: str, names: set[str]) -> None:
     names.add(node["name"])
     op = node["op"]
     if not isinstance(op, str) or op not in GRAPH_OPS:
-        _fail(label, f"op must be one of {sorted(GRAPH_OPS)}, got {str(op)[:60]!r}")
+        _fail(label, f"op must be one of {sorted(map(str, Op))}, got {str(op)[:60]!r}")
     if not isinstance(node["inputs"], list) or not all(isinstance(i, str) for i in node["inputs"]):
         _fail(label, "inputs must be a list of value names")
     json_str(node["output"], f"graph {label}: output")
 
 
 def _check_wiring(node: dict, label: str, shapes: dict[str, Shape]) -> None:
-    expected = 2 if node["op"] == "add" else 1
+    expected = 2 if node["op"] == Op.ADD else 1
     if len(node["inputs"]) != expected:
         _fail(label, f"op {node['op']} takes {expected} input(s), got {len(node['inputs'])}")
     for name in node["inputs"]:
@@ -182,7 +182,7 @@ def _node_attrs(node: dict, label: str) -> dict[str, Any]:
             _check_pair(key, value, label)
     if "groups" in attrs and not (is_int(attrs["groups"]) and attrs["groups"] > 0):
         _fail(label, "groups must be a positive integer")
-    if node["op"] == "quantize":
+    if node["op"] == Op.QUANTIZE:
         _check_quantize(attrs, label)
     return attrs
 
@@ -213,13 +213,13 @@ def _check_output(graph: dict, shapes: dict[str, Shape]) -> None:
 # ------------------------------------------------------------------------------------- cost
 
 
-def _macs(op: str, source: Shape, shape: Shape, weights: dict, attrs: dict) -> int:
+def _macs(op: Op, source: Shape, shape: Shape, weights: dict, attrs: dict) -> int:
     """Multiply-accumulates of one node for one image (a window read or an element-wise
     operation counts as one)."""
-    if op == "conv2d":
+    if op == Op.CONV2D:
         _, per_group, kh, kw = weights["weight"]
         return math.prod(shape) * per_group * kh * kw
-    if op == "linear":
+    if op == Op.LINEAR:
         return math.prod(weights["weight"])
     if op in WINDOW_OPS:
         return math.prod(shape) * math.prod(attrs["kernel"])
@@ -337,16 +337,16 @@ def _flatten(inputs: list[Shape], weights: dict, attrs: dict, label: str) -> Sha
     return (math.prod(inputs[0]),)
 
 
-SHAPE_RULES: dict[str, Callable[[list[Shape], dict, dict, str], Shape]] = {
-    "conv2d": _conv2d,
-    "linear": _linear,
-    "batchnorm": _batchnorm,
-    "relu": _same,
-    "relu6": _same,
-    "add": _same,
-    "avgpool2d": _pool,
-    "maxpool2d": _pool,
-    "global_avgpool": _global_avgpool,
-    "flatten": _flatten,
-    "quantize": _same,
+SHAPE_RULES: dict[Op, Callable[[list[Shape], dict, dict, str], Shape]] = {
+    Op.CONV2D: _conv2d,
+    Op.LINEAR: _linear,
+    Op.BATCHNORM: _batchnorm,
+    Op.RELU: _same,
+    Op.RELU6: _same,
+    Op.ADD: _same,
+    Op.AVGPOOL2D: _pool,
+    Op.MAXPOOL2D: _pool,
+    Op.GLOBAL_AVGPOOL: _global_avgpool,
+    Op.FLATTEN: _flatten,
+    Op.QUANTIZE: _same,
 }

@@ -53,6 +53,7 @@ from mbz.format import (
     UniformTensor,
 )
 from mbz.format.bits import pack_bits
+from mbz.format.constants import Op
 from mbz.format.limits import DEFAULT_LIMITS, Limits
 
 from .graph import Shape
@@ -305,18 +306,18 @@ def _relu6(b: _Builder, node: dict, xs: list[str], p: dict[str, str], out: str, 
     return b.op("Clip", [xs[0], *bounds], out)
 
 
-EMITTERS: dict[str, Emitter] = {
-    "conv2d": _conv2d,
-    "linear": _linear,
-    "batchnorm": _batchnorm,
-    "relu": _simple("Relu"),
-    "relu6": _relu6,
-    "add": _simple("Add"),
-    "avgpool2d": _pool("AveragePool", count_include_pad=1),
-    "maxpool2d": _pool("MaxPool"),
-    "global_avgpool": _simple("GlobalAveragePool"),
-    "flatten": _simple("Flatten", axis=1),
-    "quantize": _quantize,
+EMITTERS: dict[Op, Emitter] = {
+    Op.CONV2D: _conv2d,
+    Op.LINEAR: _linear,
+    Op.BATCHNORM: _batchnorm,
+    Op.RELU: _simple("Relu"),
+    Op.RELU6: _relu6,
+    Op.ADD: _simple("Add"),
+    Op.AVGPOOL2D: _pool("AveragePool", count_include_pad=1),
+    Op.MAXPOOL2D: _pool("MaxPool"),
+    Op.GLOBAL_AVGPOOL: _simple("GlobalAveragePool"),
+    Op.FLATTEN: _simple("Flatten", axis=1),
+    Op.QUANTIZE: _quantize,
 }
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mbz.format.checks import json_float32, json_scale
+from mbz.format.constants import Op
 from mbz.format.container import MbzFile, read_mbz
 from mbz.format.errors import MbzFormatError
 from mbz.format.limits import DEFAULT_LIMITS, Limits
@@ -31,8 +32,8 @@ from .graph import GraphCost, Shape, analyze
 from .threads import blas_threads
 
 F32 = np.float32
-CLIP_BOUNDS = {"relu": (0.0, float("inf")), "relu6": (0.0, 6.0)}
-IN_PLACE_OPS = frozenset({"batchnorm", "relu", "relu6", "add"})
+CLIP_BOUNDS = {Op.RELU: (0.0, float("inf")), Op.RELU6: (0.0, 6.0)}
+IN_PLACE_OPS = frozenset({Op.BATCHNORM, Op.RELU, Op.RELU6, Op.ADD})
 FUSED = frozenset({"activation", "quantize"})  # attrs that fusion adds to a node
 # Kernels that read codes and write them (``quant``) a block at a time, in cache.
 BLOCK_CODED = frozenset({ops.conv_pointwise, ops.conv_depthwise})
@@ -286,9 +287,11 @@ def _merged(node: dict, after: dict, readers: Counter, graph_output: str) -> dic
     value = node["output"]
     if after["inputs"] != [value] or readers[value] != 1 or value == graph_output:
         return None
-    if after["op"] == "quantize" and not _quantizes(node):
+    if after["op"] == Op.QUANTIZE and not _quantizes(node):
         extra = {"quantize": after["attrs"]}
-    elif node["op"] == "conv2d" and after["op"] in CLIP_BOUNDS and not FUSED & node["attrs"].keys():
+    elif (
+        node["op"] == Op.CONV2D and after["op"] in CLIP_BOUNDS and not FUSED & node["attrs"].keys()
+    ):
         extra = {"activation": after["op"]}
     else:
         return None
@@ -297,7 +300,7 @@ def _merged(node: dict, after: dict, readers: Counter, graph_output: str) -> dic
 
 def _quantizes(node: dict) -> bool:
     """Whether a (fused) node's output is held as codes."""
-    return node["op"] == "quantize" or "quantize" in node["attrs"]
+    return node["op"] == Op.QUANTIZE or "quantize" in node["attrs"]
 
 
 def _can_run_in_place(
@@ -386,16 +389,16 @@ def _plain(op: Kernel) -> Callable[[dict, dict], Kernel]:
     return lambda weights, attrs: op
 
 
-KERNEL_BUILDERS: dict[str, Callable[[dict[str, np.ndarray], dict], Kernel]] = {
-    "conv2d": _conv_kernel,
-    "linear": _linear_kernel,
-    "batchnorm": _batchnorm_kernel,
-    "relu": _plain(ops.relu),
-    "relu6": _plain(ops.relu6),
-    "add": _plain(ops.add),
-    "avgpool2d": _pool_kernel(ops.avgpool2d),
-    "maxpool2d": _pool_kernel(ops.maxpool2d),
-    "global_avgpool": _plain(ops.global_avgpool),
-    "flatten": _plain(ops.flatten),
-    "quantize": _quantize_kernel,
+KERNEL_BUILDERS: dict[Op, Callable[[dict[str, np.ndarray], dict], Kernel]] = {
+    Op.CONV2D: _conv_kernel,
+    Op.LINEAR: _linear_kernel,
+    Op.BATCHNORM: _batchnorm_kernel,
+    Op.RELU: _plain(ops.relu),
+    Op.RELU6: _plain(ops.relu6),
+    Op.ADD: _plain(ops.add),
+    Op.AVGPOOL2D: _pool_kernel(ops.avgpool2d),
+    Op.MAXPOOL2D: _pool_kernel(ops.maxpool2d),
+    Op.GLOBAL_AVGPOOL: _plain(ops.global_avgpool),
+    Op.FLATTEN: _plain(ops.flatten),
+    Op.QUANTIZE: _quantize_kernel,
 }

@@ -16,10 +16,13 @@ from mbz.config import CODEBOOK_KINDS, FLOAT_BITS, METHODS, PackConfig
 from mbz.encodings import METHODS as ENCODING_METHODS
 from mbz.encodings import weight_encoding
 from mbz.format import Encoding, decode_mbz, encode_mbz
-from mbz.format.constants import GRAPH_OPS
+from mbz.format.constants import GRAPH_OPS, Op
 from mbz.format.encodings import CODECS, encoding_of
 from mbz.qat import TRAINABLE, weight_module
 from mbz.quantize import ENCODERS, Coding, quantize_weight
+from mbz.runtime.graph import SHAPE_RULES
+from mbz.runtime.onnx_export import EMITTERS
+from mbz.runtime.program import KERNEL_BUILDERS
 from mbz.torch_graph import OPS
 
 # Every table keyed by Encoding, by the layer it serves. The ONNX exporter's table of in-graph
@@ -40,9 +43,23 @@ def test_every_encoding_is_in_every_registry(layer):
     assert set(table) == set(Encoding), f"{layer} has keys that are not encodings"
 
 
-def test_the_torch_graph_runs_exactly_the_graph_ops():
-    # format's GRAPH_OPS names every op a file may hold (the Op enum, once format has one)
-    assert set(OPS) == set(GRAPH_OPS)
+# Every table keyed by Op, by the layer it serves.
+OP_TABLES = {
+    "params and attrs (format/constants.py GRAPH_OPS)": GRAPH_OPS,
+    "shape rule (runtime/graph.py SHAPE_RULES)": SHAPE_RULES,
+    "numpy kernel (runtime/program.py KERNEL_BUILDERS)": KERNEL_BUILDERS,
+    "ONNX emitter (runtime/onnx_export.py EMITTERS)": EMITTERS,
+    "torch function (mbz/torch_graph.py OPS)": OPS,
+}
+
+
+@pytest.mark.parametrize("layer", OP_TABLES)
+def test_every_op_is_in_every_table(layer):
+    table = OP_TABLES[layer]
+    missing = sorted(op.value for op in Op if op not in table)
+    assert not missing, f"{layer} has no entry for {', '.join(missing)}"
+    strangers = sorted(repr(key) for key in table if type(key) is not Op)
+    assert not strangers, f"{layer} has keys that are not Op members: {', '.join(strangers)}"
 
 
 def pack_choices() -> dict[Encoding, Coding]:
