@@ -49,6 +49,9 @@ class BufferPool:
         self._free.setdefault((array.shape, array.dtype), []).append(array)
 
 
+_NO_SCRATCH = np.empty(0, F32)  # the scratch space of rows that need no decoding
+
+
 def _take(pool: BufferPool | None, shape: Shape, dtype: type = F32) -> np.ndarray:
     return np.empty(shape, dtype=dtype) if pool is None else pool.take(shape, dtype)
 
@@ -167,10 +170,10 @@ def row_blocks(
             yield slice(image, image + 1), slice(begin, min(begin + step, rows))
 
 
-def _out_hw(x: np.ndarray, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> Pair:
+def _out_hw(shape: Shape, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> Pair:
     return (
-        output_size(x.shape[1], kernel[0], stride[0], padding[0], dilation[0]),
-        output_size(x.shape[2], kernel[1], stride[1], padding[1], dilation[1]),
+        output_size(shape[1], kernel[0], stride[0], padding[0], dilation[0]),
+        output_size(shape[2], kernel[1], stride[1], padding[1], dilation[1]),
     )
 
 
@@ -225,7 +228,7 @@ def conv_depthwise(
     repeated passes over the output (taps, bias, optional ``clip`` and ``quant`` as in
     ``conv_pointwise``) stay in cache; codes are decoded a block at a time."""
     kernel, (n, _, _, c) = weight.shape[:2], x.shape
-    out_hw = _out_hw(x, kernel, stride, padding, dilation)
+    out_hw = _out_hw(x.shape, kernel, stride, padding, dilation)
     bias_rows = tile_rows(bias, out_hw[1])
     block = max(1, min(n, CACHE_BLOCK_BYTES // max(4 * c * math.prod(out_hw), 1)))
     images_out = _Rows.writer((n, *out_hw, c), block, quant, pool, rank=1)
@@ -248,43 +251,37 @@ class _Rows:
     to a new float32 array or to new codes (encoded from scratch space)."""
 
     def __init__(
-        self, shape: Shape, rank: int, block: int, pool: BufferPool | None, coded: bool
+        self, activation: np.ndarray | Codes, rank: int, block: int, pool: BufferPool | None
     ) -> None:
-        self.shape, self.row_shape = tuple(shape), tuple(shape[rank:])
-        self.row_size, self.pool = math.prod(self.row_shape), pool
-        self.scratch = _take(pool, (block * self.row_size,)) if coded else None
-        self.out: np.ndarray | None = None  # a float32 result
-        self.array: np.ndarray | None = None  # the rows of an array read or written
-        self.codes: Codes | None = None
+        self.activation, self.pool = activation, pool
+        self.row_shape = tuple(activation.shape[rank:])
+        self.row_size = math.prod(self.row_shape)
+        self.rows: np.ndarray | Codes = activation  # codes, or the array's rows
+        self.scratch = _NO_SCRATCH
+        if isinstance(activation, Codes):
+            self.scratch = _take(pool, (block * self.row_size,))
+        else:
+            self.rows = activation.reshape(-1, *self.row_shape)
 
     @classmethod
     def reader(cls, x: np.ndarray | Codes, block: int, pool: BufferPool | None, rank: int = 2):
         """Reads ``x`` ``block`` rows at a time."""
-        rows = cls(x.shape, rank, block, pool, isinstance(x, Codes))
-        if isinstance(x, Codes):
-            rows.codes = x
-        else:
-            rows.array = x.reshape(-1, *rows.row_shape)
-        return rows
+        return cls(x, rank, block, pool)
 
     @classmethod
     def writer(
         cls, shape: Shape, block: int, quant: dict | None, pool: BufferPool | None, rank: int = 2
     ):
         """Writes an activation of ``shape`` (codes when ``quant``) ``block`` rows at a time."""
-        rows = cls(shape, rank, block, pool, quant is not None)
         if quant is None:
-            rows.out = _take(pool, shape)
-            rows.array = rows.out.reshape(-1, *rows.row_shape)
-        else:
-            rows.codes = new_codes(shape, pool=pool, **quant)
-        return rows
+            return cls(_take(pool, shape), rank, block, pool)
+        return cls(new_codes(shape, pool=pool, **quant), rank, block, pool)
 
     def __enter__(self) -> _Rows:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.scratch is not None:
+        if isinstance(self.rows, Codes):
             _give(self.pool, self.scratch)
 
     def _scratch(self, begin: int, stop: int) -> np.ndarray:
@@ -292,26 +289,28 @@ class _Rows:
 
     def read(self, begin: int, stop: int) -> np.ndarray:
         """Rows ``begin`` to ``stop`` as float32."""
-        if self.codes is None:
-            return self.array[begin:stop]
+        if not isinstance(self.rows, Codes):
+            return self.rows[begin:stop]
         values = self._scratch(begin, stop)
         size = self.row_size
-        decode_range(self.codes, begin * size, stop * size, values.reshape(-1), self.pool)
+        decode_range(self.rows, begin * size, stop * size, values.reshape(-1), self.pool)
         return values
 
     def target(self, begin: int, stop: int) -> np.ndarray:
         """Where to compute rows ``begin`` to ``stop`` (then hand them to ``write``)."""
-        return self.array[begin:stop] if self.codes is None else self._scratch(begin, stop)
+        if isinstance(self.rows, Codes):
+            return self._scratch(begin, stop)
+        return self.rows[begin:stop]
 
     def write(self, begin: int, rows: np.ndarray) -> None:
         """Store the rows computed in ``target(begin, ...)`` (encoded, for codes)."""
-        if self.codes is not None:
-            encode_range(rows.reshape(-1), self.codes, begin * self.row_size, self.pool)
+        if isinstance(self.rows, Codes):
+            encode_range(rows.reshape(-1), self.rows, begin * self.row_size, self.pool)
 
     @property
     def result(self) -> np.ndarray | Codes:
         """The written activation."""
-        return self.out if self.codes is None else self.codes
+        return self.activation
 
 
 def _accumulate_taps(
@@ -342,7 +341,7 @@ def conv_grouped(
     the columns of a block taking at most ``SCRATCH_BYTES``. ``weight``: see
     ``prepare_grouped``."""
     n, c = x.shape[0], x.shape[3]
-    out_hw = _out_hw(x, kernel, stride, padding, dilation)
+    out_hw = _out_hw(x.shape, kernel, stride, padding, dilation)
     out = _take(pool, (n, *out_hw, weight.shape[0] * weight.shape[2]))
     padded = pad_nhwc(x, padding, pool=pool)
     view = windows(padded, kernel, stride, dilation, out_hw)
@@ -366,8 +365,8 @@ def _matmul_groups(columns: np.ndarray, weight: np.ndarray, out: np.ndarray) -> 
     if groups == 1:
         np.matmul(columns.reshape(pixels, -1), weight[0], out=out.reshape(pixels, -1))
         return
-    per_group = columns.reshape(pixels, taps, groups, c // groups)
-    per_group = per_group.transpose(2, 0, 1, 3).reshape(groups, pixels, -1)
+    split = columns.reshape(pixels, taps, groups, c // groups)
+    per_group = split.transpose(2, 0, 1, 3).reshape(groups, pixels, -1)
     out.reshape(pixels, groups, -1)[:] = np.matmul(per_group, weight).transpose(1, 0, 2)
 
 
