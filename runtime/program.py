@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -139,7 +139,7 @@ class Program:
             result = values[step.output] = step.kernel(*args, pool=pool, **extra)
             peak = max(peak, _live_bytes(values))
             for arg, value in zip(args, stored, strict=True):
-                if arg is not value and arg is not result:
+                if isinstance(arg, np.ndarray) and arg is not value and arg is not result:
                     pool.give(arg)
             for name in step.frees:
                 _release(values, name, pool, name == self.input_name)
@@ -337,7 +337,8 @@ def _then_encode(
 ) -> ops.Codes:
     """``kernel``'s result as codes, encoded in place (the float result dies here): it goes
     back to ``pool`` unless it is ``out`` (an input the caller recycles)."""
-    result = kernel(*args, pool=pool, **({} if out is None else {"out": out}))
+    # a kernel that encodes nothing itself returns float32
+    result = cast(np.ndarray, kernel(*args, pool=pool, **({} if out is None else {"out": out})))
     codes = ops.encode(result, pool=pool, overwrite=True, **code)
     if result is not out:
         pool.give(result)
@@ -348,7 +349,7 @@ def _conv_kernel(weights: dict[str, np.ndarray], attrs: dict) -> Kernel:
     weight, bias, groups = weights["weight"], weights["bias"], attrs["groups"]
     stride, padding, dilation = (tuple(attrs[k]) for k in ("stride", "padding", "dilation"))
     clip = CLIP_BOUNDS.get(attrs.get("activation"))
-    fixed = {"bias": bias, "stride": stride, "padding": padding, "clip": clip}
+    fixed: dict[str, Any] = {"bias": bias, "stride": stride, "padding": padding, "clip": clip}
     if groups == 1 and weight.shape[2:] == (1, 1):
         return partial(ops.conv_pointwise, weight=ops.prepare_pointwise(weight), **fixed)
     fixed["dilation"] = dilation
