@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import html
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import plotly.graph_objects as go
@@ -19,6 +20,7 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 COLORMAP = "viridis"  # parallel coordinates: lines coloured by accuracy, dark = lowest
 FRONT_COLOR = "tab:red"
@@ -48,7 +50,8 @@ def line_chart(
         values = np.array([np.nan if y is None else y for y in ys], dtype=float)
         axes.plot(xs, values, marker="o", markersize=4, label=name)
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    axes.xaxis.get_major_locator().set_params(integer=True)
+    # the default locator is an AutoLocator, a MaxNLocator (whose set_params takes ``integer``)
+    cast(MaxNLocator, axes.xaxis.get_major_locator()).set_params(integer=True)
     axes.grid(alpha=0.3)
     axes.legend()
     return figure
@@ -148,7 +151,7 @@ def parallel_chart(columns: dict[str, list], title: str) -> Figure:
 
 
 def scatter_chart(
-    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     title: str,
     xlabel: str,
     ylabel: str,

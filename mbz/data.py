@@ -157,7 +157,8 @@ def _load_npz(path: Path, split: str) -> Dataset:
     names = (f"x_{split}", f"y_{split}")
     arrays = _read_npz(path, names)
     classes = _npz_classes(path, arrays.get("classes"))
-    return _dataset(str(path), names, *(arrays[n] for n in names), classes, f"{path.name}:{split}")
+    images, labels = (arrays[n] for n in names)
+    return _dataset(str(path), names, images, labels, classes, f"{path.name}:{split}")
 
 
 def load_unlabelled(source: str, split: str) -> tuple[np.ndarray, tuple[str, ...], str] | None:
