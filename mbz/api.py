@@ -75,7 +75,7 @@ class PackJob:
         """How many images ``run`` reports to its progress callback in all."""
         test = 2 * len(self.dataset) if self.dataset is not None else 0
         test += self._probe_images()
-        passes = bool(self.config.act_bits) + self.config.budgeted  # over the train images
+        passes = bool(self.config.act_bits) + self.config.budgeted + self.config.bias_correction
         return test + (passes * len(self.calibration) if self.calibration is not None else 0)
 
     def _probe_images(self) -> int:
@@ -132,7 +132,7 @@ def prepare_pack(
     if data is None:
         return job
     job.dataset = _checked(load_split(data, "test", data_root=data_root), limit, shape)
-    if config.act_bits or config.budgeted:
+    if config.act_bits or config.budgeted or config.bias_correction:
         calibration = load_calibration(data, data_root, config.calib_images)
         job.calibration = _checked(calibration, None, shape)
     if config.finetuning:
@@ -199,6 +199,12 @@ def float_accuracy(
         "chance": chance,
         "at_chance": top1.accuracy <= chance + noise,
     }
+
+
+def float_model_accuracy(module: nn.Module, config: PackConfig, dataset: Dataset) -> dict:
+    """Top-1 of ``module`` before compression (BatchNorm folded, as packing captures it) on
+    ``dataset``, with ``config``'s normalisation; see ``float_accuracy``."""
+    return float_accuracy(_Probe.of(module), config, dataset)
 
 
 def chance_warning(result: PackResult) -> str | None:

@@ -227,6 +227,7 @@ class PackConfig:
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
     kmeans_iters: int = 30
     codebook: str = "auto"  # kmeans: scaled (SPEC 3.6), plain (3.3), auto: the smaller error
+    bias_correction: bool = True  # with --data: restore channel means/spreads (mbz.correct)
     act_bits: dict[str, int] = field(default_factory=dict)  # empty: float activations
     calib: str = "mse"
     calib_images: int = 256

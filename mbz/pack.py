@@ -15,6 +15,7 @@ from mbz.calibrate import calibrate
 from mbz.capture import capture
 from mbz.checkpoint import LoadedModel
 from mbz.config import LayerInfo, PackConfig, bits_for
+from mbz.correct import correct_quantization
 from mbz.data import Dataset
 from mbz.encodings import METHODS
 from mbz.errors import MbzError
@@ -276,6 +277,8 @@ def pack(
     """Compress ``loaded`` with ``config``, write ``output``, evaluate on ``dataset`` if given.
     ``float_accuracy``, the model before compression measured on ``dataset``, is stored too.
 
+    With ``config.bias_correction`` and ``calibration``, each output channel's mean and spread
+    are restored after the weights are quantized (``mbz.correct``).
     With ``config.act_bits``, activations are calibrated on ``calibration`` (training images)
     after the weights are quantized, so the accuracy measured is the fully quantized model's.
     With ``config.finetune_epochs`` (or ``finetune_steps``), ``tuning`` (``Tuning.of(train
@@ -288,6 +291,10 @@ def pack(
         tuning = tuning.taught_by(loaded.module)
     graph, params, tensors, layers = compress(loaded, config, tuning, calibration, progress)
     metadata = build_metadata(loaded, config, graph, layers, None)
+    if config.bias_correction and calibration is not None:
+        correct_quantization(
+            graph, params, tensors, metadata["preprocess"], calibration.images, progress
+        )
     peaks = None
     if config.act_bits:
         peaks = quantize_activations(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mbz.api import float_model_accuracy
 from mbz.capture import capture
 from mbz.checkpoint import LoadedModel, load_model
 from mbz.config import ACT_FLOAT, PackConfig, activation_bits, weight_bits
@@ -230,19 +231,29 @@ class SweepData:
     test: Dataset  # evaluation images (the first ``limit`` of the test split)
     peak_images: np.ndarray  # the activation peak is measured on these
     train: Dataset | None  # for calibration and fine-tuning; None when no run needs it
+    float_accuracy: dict[tuple, dict]  # (mean, std) -> the float model's top-1 on ``test``
 
 
 def open_data(settings: SweepSettings, jobs: list[Job], model: LoadedModel) -> SweepData:
     """The test split (and the train split when a job calibrates activations or fine-tunes),
     checked to hold images of the size ``model`` takes."""
     test = load_split(settings.data, "test", settings.data_root)
-    needs_train = any(job.config.act_bits or job.config.finetune_epochs for job in jobs)
+    needs_train = any(_calibrates(job.config) or job.config.finetuning for job in jobs)
     train = load_training(settings.data, settings.data_root) if needs_train else None
     shape = capture(model.module).graph["input_shape"]
     for split in (test, train) if train is not None else (test,):
         check_image_shape(split, shape, str(settings.model))
     limited = test.head(settings.limit) if settings.limit else test
-    return SweepData(limited, test.images[: settings.peak_images], train)
+    norms = {(job.config.mean, job.config.std): job.config for job in jobs}
+    baselines = {
+        norm: float_model_accuracy(model.module, config, limited) for norm, config in norms.items()
+    }
+    return SweepData(limited, test.images[: settings.peak_images], train, baselines)
+
+
+def _calibrates(config: PackConfig) -> bool:
+    """Whether packing ``config`` reads calibration images (as ``mbz pack --data`` does)."""
+    return bool(config.act_bits or config.budgeted or config.bias_correction)
 
 
 def open_model(settings: SweepSettings) -> LoadedModel:
@@ -262,9 +273,10 @@ def run_point(
 ) -> dict:
     """Pack ``job``'s config into ``output``, evaluate it; returns its record."""
     config = job.config
-    calibration = data.train.head(config.calib_images) if config.act_bits else None
-    tuning = Tuning.of(data.train, config) if config.finetune_epochs else None
-    packed = pack(model, config, output, data.test, None, calibration, tuning)
+    calibration = data.train.head(config.calib_images) if _calibrates(config) else None
+    tuning = Tuning.of(data.train, config) if config.finetuning else None
+    baseline = data.float_accuracy[(config.mean, config.std)]
+    packed = pack(model, config, output, data.test, None, calibration, tuning, baseline)
     started = time.perf_counter()
     report = verify(output, data.test, settings.runtimes, settings.tolerance)
     eval_seconds = time.perf_counter() - started

@@ -51,6 +51,12 @@ _PACK_FLAGS: dict[str, Flag] = {
         "uniform: integer codes with a scale and zero point.",
         click.Choice(METHODS),
     ),
+    "bias_correction": Flag(
+        "With --data: after the weights are quantized, restore each output channel's mean "
+        "(through its bias) and spread (through its scale, for scaled codebooks and per-channel "
+        "uniform codes) to the float model's, layer by layer on --calib-images train images "
+        "(Nagel et al. 2019). Stored in the file: every runtime computes the corrected model."
+    ),
     "codebook": Flag(
         "--method kmeans only: which codebook to fit per layer: scaled (SPEC 3.6), plain "
         "(SPEC 3.3), or auto, the one with the smaller error.",
