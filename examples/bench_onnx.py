@@ -37,9 +37,10 @@ from mbz.data import Dataset, load_split
 from mbz.evaluate import EvalResult, agreement
 from mbz.format import read_mbz
 from mbz.models import cifar_mobilenet_v2
+from mbz.onnx.export import OPSET, export_onnx, onnx_bytes
+from mbz.onnx.session import OnnxProgram
 from mbz.pack import pack
 from mbz.runtime import load_program
-from mbz.runtime.onnx_export import OPSET, OnnxProgram, export_onnx, onnx_bytes
 from mbz.torch_graph import GraphModule, preprocess_images
 
 FRAGMENT = Path(__file__).resolve().parents[2] / "shared/data/cifar10-fragment.npz"

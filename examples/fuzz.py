@@ -437,7 +437,7 @@ def run_case(data: bytes, folder: Path, limits: Limits = FUZZ_LIMITS) -> str:
     try:
         path = folder / "case.mbz"
         path.write_bytes(data)
-        describe(path, limits)  # reads and exports to ONNX when the file has a graph
+        describe(path, limits, onnx=True)  # reads, and exports to ONNX when it has a graph
         program = load_program(decode_mbz(data, limits), limits)
         c, h, w = program.input_shape
         program.predict(np.full((1, h, w, c), 128, np.uint8))

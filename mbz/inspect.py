@@ -15,9 +15,9 @@ import numpy as np
 from mbz.format import DEFAULT_LIMITS, Limits, MbzFile, MbzFormatError, SectionInfo, read_mbz
 from mbz.format.checks import is_int, json_float32, json_int, json_str
 from mbz.format.constants import MAX_ELEMENTS
+from mbz.onnx.export import export_onnx, onnx_bytes
 from mbz.runtime.graph import analyze
-from mbz.runtime.onnx_export import export_onnx, onnx_bytes
-from mbz.runtime.program import shape_standins
+from mbz.runtime.program import check_runnable, shape_standins
 
 # Part name -> the category ``mbz inspect`` reports it under.
 PART_CATEGORY = {
@@ -78,14 +78,15 @@ def _layer_row(mbz: MbzFile, node: dict, tensor_rows: dict[str, dict]) -> dict:
     return row
 
 
-def describe(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> dict:
+def describe(path: str | Path, limits: Limits = DEFAULT_LIMITS, onnx: bool = False) -> dict:
     """Read (and so fully validate, CRCs included, within ``limits``) a .mbz file and account
-    for every byte."""
+    for every byte; with ``onnx``, also export it to ONNX in memory and give that size
+    (``onnx_bytes``, else None, as for a file without a graph)."""
     path = Path(path)
     mbz = read_mbz(path, limits)
     runnable = all(key in mbz.metadata for key in ("graph", "preprocess"))
-    onnx_size = onnx_bytes(export_onnx(mbz, limits=limits)) if runnable else None
     nodes = _graph_nodes(mbz, limits)
+    onnx_size = onnx_bytes(export_onnx(mbz, limits=limits)) if onnx and runnable else None
     layout = mbz.layout
     rows = [_tensor_row(mbz, s) for s in layout.sections[1:]]
     by_name = {row["tensor"]: row for row in rows}
@@ -124,11 +125,15 @@ def describe(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> dict:
 
 
 def _graph_nodes(mbz: MbzFile, limits: Limits) -> list[dict]:
-    """The graph's nodes, validated as the runtime validates them (none without a graph)."""
+    """The graph's nodes, validated as the runtime validates them, with the preprocessing when
+    the file has one (no nodes without a graph)."""
     graph = mbz.metadata.get("graph")
     if graph is None:
         return []
-    analyze(graph, shape_standins(mbz), limits)
+    if "preprocess" in mbz.metadata:
+        check_runnable(mbz, limits)
+    else:
+        analyze(graph, shape_standins(mbz), limits)
     return graph["nodes"]
 
 

@@ -20,8 +20,9 @@ from mbz.evaluate import (
     evaluate_torch,
 )
 from mbz.format import DEFAULT_LIMITS, Limits, MbzFile, read_mbz
+from mbz.onnx.export import export_onnx
+from mbz.onnx.session import OnnxProgram
 from mbz.runtime import load_program
-from mbz.runtime.onnx_export import OnnxProgram, export_onnx
 from mbz.runtime.program import check_runnable
 
 RUNTIMES = ("numpy", "torch", "onnx")

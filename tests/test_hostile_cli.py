@@ -54,7 +54,7 @@ def test_inspect_eval_and_export_run_without_torch(tmp_path: Path):
     np.savez(data, x_test=images, y_test=np.arange(4))
     calls = [
         ["inspect", str(path)],
-        ["inspect", str(path), "--json"],
+        ["inspect", str(path), "--json", "--onnx"],
         ["eval", str(path), "--data", str(data), "--runtime", "numpy", "--json"],
         ["eval", str(path), "--data", str(data), "--runtime", "onnx", "--json"],
         ["export-onnx", str(path), "-o", str(tmp_path / "m.onnx"), "--json"],

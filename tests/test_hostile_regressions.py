@@ -20,8 +20,8 @@ from mbz.format import Limits, MbzFormatError, SectionKind, decode_mbz, read_mbz
 from mbz.format.container import assemble
 from mbz.format.jsonio import canonical_json
 from mbz.inspect import describe
+from mbz.onnx.export import export_onnx
 from mbz.runtime import load_program
-from mbz.runtime.onnx_export import export_onnx
 
 REGRESSIONS = Path(__file__).parent / "regressions"
 FILES = sorted(REGRESSIONS.glob("*.mbz"))

@@ -52,7 +52,8 @@ def test_layer_rows_show_pruning_bits_and_every_byte(tmp_path):
     save_mbz_checkpoint(model_path, narrow_mobilenet())
     args = ["pack", str(model_path), "--prune", "0.36", "--bits", "conv=4,fc=2", "-o", str(out)]
     assert CliRunner().invoke(main, args).exit_code == 0
-    facts = describe(out)
+    facts = describe(out, onnx=True)
+    assert describe(out)["onnx_bytes"] is None  # exported only when asked
     layers = {row["layer"]: row for row in facts["layers"]}
     assert sum(row["bytes"] for row in layers.values()) == sum(r["bytes"] for r in facts["tensors"])
     assert any(kept < total for kept, total in (r["kept_channels"] for r in layers.values()))
@@ -62,7 +63,8 @@ def test_layer_rows_show_pruning_bits_and_every_byte(tmp_path):
     onnx_path = tmp_path / "m.onnx"
     assert CliRunner().invoke(main, ["export-onnx", str(out), "-o", str(onnx_path)]).exit_code == 0
     assert facts["onnx_bytes"] == onnx_path.stat().st_size
-    text = CliRunner().invoke(main, ["inspect", str(out)]).output
+    text = CliRunner().invoke(main, ["inspect", str(out), "--onnx"]).output
     assert f"as ONNX (mbz export-onnx) {onnx_path.stat().st_size} bytes" in text
+    assert "ONNX" not in CliRunner().invoke(main, ["inspect", str(out)]).output
     first = facts["layers"][0]
     assert f"{first['kept_channels'][0]}/{first['kept_channels'][1]}" in text

@@ -26,19 +26,18 @@ from mbz.format import (
     read_mbz,
     write_mbz,
 )
-from mbz.runtime import load_program
-from mbz.runtime.onnx_export import (
+from mbz.onnx.export import (
     INPUT_NAME,
     IR_VERSION,
     OPSET,
     OUTPUT_NAME,
-    OnnxProgram,
     export_onnx,
     graph_value,
     onnx_bytes,
-    onnx_session,
     tensor_value,
 )
+from mbz.onnx.session import OnnxProgram, onnx_session
+from mbz.runtime import load_program
 from tests.helpers import (
     assert_runs_without_torch,
     invoke,
@@ -349,7 +348,8 @@ def test_export_runs_without_torch(tmp_path) -> None:
     assert_runs_without_torch(
         "import numpy as np\n"
         "from mbz.format import read_mbz\n"
-        "from mbz.runtime.onnx_export import OnnxProgram, export_onnx\n"
+        "from mbz.onnx.export import export_onnx\n"
+        "from mbz.onnx.session import OnnxProgram\n"
         f"model = export_onnx(read_mbz({str(path)!r}))\n"
         "out = OnnxProgram(model).predict(np.zeros((2, 6, 6, 4), np.uint8))\n"
         "assert out.shape == (2, 288)"

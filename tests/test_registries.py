@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +19,20 @@ from mbz.encodings import weight_encoding
 from mbz.format import Encoding, decode_mbz, encode_mbz
 from mbz.format.constants import GRAPH_OPS, Op
 from mbz.format.encodings import CODECS, encoding_of
+from mbz.onnx.export import DECODERS, EMITTERS
 from mbz.qat import TRAINABLE, weight_module
 from mbz.quantize import ENCODERS, Coding, quantize_weight
 from mbz.runtime.graph import SHAPE_RULES
-from mbz.runtime.onnx_export import EMITTERS
 from mbz.runtime.program import KERNEL_BUILDERS
 from mbz.torch_graph import OPS
 
-# Every table keyed by Encoding, by the layer it serves. The ONNX exporter's table of in-graph
-# decoders goes here too (one line) when it is keyed by Encoding.
+# Every table keyed by Encoding, by the layer it serves.
 REGISTRIES = {
     "numpy codec (format/encodings.py CODECS)": CODECS,
     "torch encoder (mbz/quantize.py ENCODERS)": ENCODERS,
     "trainable module (mbz/qat.py TRAINABLE)": TRAINABLE,
     "method name (mbz/encodings.py METHODS)": ENCODING_METHODS,
+    "ONNX in-graph decoder (mbz/onnx/export.py DECODERS)": DECODERS,
 }
 
 
@@ -48,7 +49,7 @@ OP_TABLES = {
     "params and attrs (format/constants.py GRAPH_OPS)": GRAPH_OPS,
     "shape rule (runtime/graph.py SHAPE_RULES)": SHAPE_RULES,
     "numpy kernel (runtime/program.py KERNEL_BUILDERS)": KERNEL_BUILDERS,
-    "ONNX emitter (runtime/onnx_export.py EMITTERS)": EMITTERS,
+    "ONNX emitter (mbz/onnx/export.py EMITTERS)": EMITTERS,
     "torch function (mbz/torch_graph.py OPS)": OPS,
 }
 
@@ -132,4 +133,30 @@ def test_the_library_does_no_command_line_work():
         for name in imported_modules(path)
         if any(name == top or name.startswith(top + ".") for top in command_line)
     }
+    assert not offenders
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """The top-level packages a source file imports (relative imports excluded)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("folder", ["format", "runtime"])
+def test_format_and_runtime_import_only_numpy_bitarray_and_the_stdlib(folder):
+    """Nor onnx, onnxruntime, torch or click; nor the rest of mbz, which may import them."""
+    allowed = {"numpy", "bitarray", "mbz", *sys.stdlib_module_names}
+    offenders = set()
+    for path in (Path(__file__).parents[1] / folder).rglob("*.py"):
+        offenders |= {f"{path.name} imports {name}" for name in top_level_imports(path) - allowed}
+        offenders |= {
+            f"{path.name} imports {name}"
+            for name in imported_modules(path)
+            if name.startswith("mbz.") and name.split(".")[1] not in ("format", "runtime")
+        }
     assert not offenders

@@ -10,7 +10,7 @@ import onnx
 
 from mbz.commands.limits import limits_option
 from mbz.format import Limits, read_mbz
-from mbz.runtime.onnx_export import IR_VERSION, OPSET, export_onnx, onnx_bytes
+from mbz.onnx.export import IR_VERSION, OPSET, export_onnx, onnx_bytes
 
 
 @click.command("export-onnx")

@@ -21,8 +21,13 @@ from mbz.inspect import describe, format_report
     help="Every column (shapes before and after, bytes per category) and whole layer names, "
     "wider than 100 columns.",
 )
+@click.option(
+    "--onnx",
+    is_flag=True,
+    help="Also export the file to ONNX in memory (as `mbz export-onnx` does) and give its size.",
+)
 @limits_option()
-def inspect_command(file: Path, as_json: bool, wide: bool, limits: Limits) -> None:
+def inspect_command(file: Path, as_json: bool, wide: bool, onnx: bool, limits: Limits) -> None:
     """Validate FILE (a .mbz, every checksum) and show its bytes per layer.
 
     Per layer (within 100 columns; --wide for every column): weight shape before and after
@@ -31,11 +36,12 @@ def inspect_command(file: Path, as_json: bool, wide: bool, limits: Limits) -> No
     stored (bitmap or csr). Byte columns: payload (values, indices or integer codes), codebook
     (centroids and Huffman code lengths), scales (scales and zero points), mask (bitmap or CSR
     positions of pruned tensors), then the file-level metadata, header and alignment padding,
-    which add up to the file size. The summary also gives the size of the file as ONNX.
+    which add up to the file size. With --onnx the summary also gives the size of the file as
+    ONNX.
 
     A file from elsewhere is untrusted: one that would cost more than the limits to read or run
     is refused (exit 1) unless --raise-limit raises them.
     """
-    facts = describe(file, limits)
+    facts = describe(file, limits, onnx)
     text = json.dumps(facts, indent=2, sort_keys=True) if as_json else format_report(facts, wide)
     click.echo(text)

@@ -1,7 +1,7 @@
 """Export a .mbz file to ONNX, weights still compressed and decoded by the graph itself.
 
-Imports numpy, onnx, onnxruntime and ``mbz.format`` (plus this package's graph validation), never
-torch: ``export_onnx`` builds the model from the file alone.
+Imports numpy, onnx, ``mbz.format`` and ``mbz.runtime`` (its graph validation), never torch:
+``export_onnx`` builds the model from the file alone (``mbz.onnx.session`` runs it).
 
 Opset 21 with IR version 10 (ONNX 1.16). Opset 21 is the first in which ``Cast`` and
 ``DequantizeLinear`` take packed 4-bit (UINT4) tensors, so 1-4 bit codes stay 4-bit in the ONNX
@@ -18,6 +18,8 @@ How each part of the file becomes ONNX (SPEC.md sections 3, 6 and 7):
   streams decoded), ``Cast`` to int32 (``Gather`` takes no unsigned indices), ``Gather``.
 - uniform: the codes (UINT4/UINT8) with their scales and zero points, ``DequantizeLinear``
   (``axis`` where the file is per channel).
+- scaled_codebook: as codebook, then ``Mul`` by the scales (widened to float32) along the
+  file's axis.
 - sparse (bitmap or CSR in the file): the kept values only, and the positions as a bitmap
   (one bit per element, unpacked by ``BitShift`` and ``BitwiseAnd``); every position gathers
   from ``[0, kept values...]`` at ``keep * CumSum(keep)``. Uniform codes are put in place first,
@@ -38,15 +40,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from mbz.format import (
     CodebookTensor,
     DenseTensor,
+    Encoding,
     MbzFile,
     ScaledCodebookTensor,
     Tensor,
@@ -54,17 +57,16 @@ from mbz.format import (
 )
 from mbz.format.bits import pack_bits
 from mbz.format.constants import Op
+from mbz.format.encodings import encoding_of
 from mbz.format.limits import DEFAULT_LIMITS, Limits
-
-from .graph import Shape
-from .program import check_runnable, predict_in_batches
+from mbz.runtime.graph import Shape
+from mbz.runtime.program import check_runnable
 
 OPSET = 21
 IR_VERSION = 10
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 BATCH = "batch"
-DEFAULT_BATCH_SIZE = 64
 NIBBLE_BITS = 4  # codes of at most this many bits are stored as UINT4
 BIT_SHIFTS = np.arange(8, dtype=np.uint8)  # bitmap bit i of a byte is element 8 * byte + i
 F32 = np.float32
@@ -87,7 +89,7 @@ class _Builder:
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
 
-    def constant(self, name: str, array: np.ndarray) -> str:
+    def constant(self, name: str, array: np.ndarray | np.generic) -> str:
         """An initializer holding ``array`` (added once per name)."""
         if name not in self.initializers:
             self.initializers[name] = numpy_helper.from_array(np.asarray(array), name)
@@ -178,21 +180,66 @@ def _reshape(b: _Builder, value: str, shape: Shape, out: str) -> str:
     return b.op("Reshape", [value, b.constant(f"{out}:shape", np.array(shape))], out)
 
 
-def _decode_uniform(b: _Builder, name: str, tensor: UniformTensor, out: str) -> str:
+def _decode_uniform(b: _Builder, out: str, tensor: UniformTensor) -> str:
     """Codes -> DequantizeLinear. When sparse, the kept codes are put in place first (as
     UINT8), and the pruned positions, which decode to ``-zero_point * scale``, then set to 0."""
     if tensor.mask is None:
-        codes = b.codes(f"{name}:codes", tensor.qdata, tensor.bits)
-        return _dequantize(b, name, tensor, codes, tensor.bits, out)
-    keep, index = _gather_index(b, name, tensor.mask)
-    kept = b.codes(f"{name}:codes", tensor.qdata[tensor.mask], tensor.bits)
+        codes = b.codes(f"{out}:codes", tensor.qdata, tensor.bits)
+        return _dequantize(b, out, tensor, codes, tensor.bits, out)
+    keep, index = _gather_index(b, out, tensor.mask)
+    kept = b.codes(f"{out}:codes", tensor.qdata[tensor.mask], tensor.bits)
     if tensor.bits <= NIBBLE_BITS:
-        kept = b.op("Cast", [kept], f"{name}:codes8", to=TensorProto.UINT8)
-    codes = _expand(b, name, kept, index, tensor.shape, np.uint8, f"{name}:all_codes")
-    decoded = _dequantize(b, name, tensor, codes, 8, f"{name}:dequantized")
-    keep_bool = b.op("Cast", [keep], f"{name}:keep_bool", to=TensorProto.BOOL)
-    mask = _reshape(b, keep_bool, tensor.shape, f"{name}:mask")
+        kept = b.op("Cast", [kept], f"{out}:codes8", to=TensorProto.UINT8)
+    codes = _expand(b, out, kept, index, tensor.shape, np.uint8, f"{out}:all_codes")
+    decoded = _dequantize(b, out, tensor, codes, 8, f"{out}:dequantized")
+    keep_bool = b.op("Cast", [keep], f"{out}:keep_bool", to=TensorProto.BOOL)
+    mask = _reshape(b, keep_bool, tensor.shape, f"{out}:mask")
     return b.op("Where", [mask, decoded, b.constant("const:0_f32", F32(0))], out)
+
+
+StoredDecoder = Callable[[_Builder, str, Any, np.ndarray, str], str]
+
+
+def _in_place(
+    b: _Builder, name: str, tensor: Tensor, stored: np.ndarray, out: str, decode: StoredDecoder
+) -> str:
+    """The stored values (floats or codebook indices) decoded to ``out`` by ``decode``, put in
+    place with zeros at pruned positions when the tensor is sparse."""
+    if tensor.mask is None:
+        return decode(b, name, tensor, stored, out)
+    values = decode(b, name, tensor, stored[tensor.mask], f"{name}:kept")
+    _, index = _gather_index(b, name, tensor.mask)
+    return _expand(b, name, values, index, tensor.shape, F32, out)
+
+
+def _decode_float(b: _Builder, out: str, tensor: DenseTensor) -> str:
+    """f32 and f16: the stored floats."""
+    return _in_place(b, out, tensor, tensor.values, out, _decode_dense)
+
+
+def _decode_plain_codebook(b: _Builder, out: str, tensor: CodebookTensor) -> str:
+    """``codebook[indices]``."""
+    return _in_place(b, out, tensor, tensor.indices, out, _decode_codebook)
+
+
+def _decode_scaled_codebook(b: _Builder, out: str, tensor: ScaledCodebookTensor) -> str:
+    """``scale[c] * codebook[indices]``, the scales broadcast along the file's axis."""
+    unscaled = _in_place(b, out, tensor, tensor.indices, f"{out}:unscaled", _decode_codebook)
+    view = [1] * len(tensor.shape)
+    view[tensor.axis] = -1
+    scale = b.constant(f"{out}:scale", tensor.scale.astype(F32).reshape(view))
+    return b.op("Mul", [unscaled, scale], out)
+
+
+# The nodes that decode a tensor of each encoding into the float32 value ``out``.
+WeightDecoder = Callable[[_Builder, str, Any], str]
+DECODERS: dict[Encoding, WeightDecoder] = {
+    Encoding.F32: _decode_float,
+    Encoding.F16: _decode_float,
+    Encoding.CODEBOOK: _decode_plain_codebook,
+    Encoding.UNIFORM: _decode_uniform,
+    Encoding.SCALED_CODEBOOK: _decode_scaled_codebook,
+}
 
 
 def _decode_weight(b: _Builder, name: str, tensor: Tensor, dense: bool) -> str:
@@ -200,27 +247,7 @@ def _decode_weight(b: _Builder, name: str, tensor: Tensor, dense: bool) -> str:
     out = tensor_value(name)
     if dense:
         return b.constant(out, tensor.decode())
-    if isinstance(tensor, UniformTensor):
-        return _decode_uniform(b, out, tensor, out)
-    if isinstance(tensor, ScaledCodebookTensor):
-        unscaled = _decode_stored(b, out, tensor, tensor.indices, f"{out}:unscaled")
-        view = [1] * len(tensor.shape)
-        view[tensor.axis] = -1
-        scale = b.constant(f"{out}:scale", tensor.scale.astype(F32).reshape(view))
-        return b.op("Mul", [unscaled, scale], out)
-    stored = tensor.indices if isinstance(tensor, CodebookTensor) else tensor.values
-    return _decode_stored(b, out, tensor, stored, out)
-
-
-def _decode_stored(b: _Builder, name: str, tensor: Tensor, stored: np.ndarray, out: str) -> str:
-    """The stored values (codebook indices or floats) decoded to ``out``, put in place with
-    zeros at pruned positions when the tensor is sparse."""
-    decode = _decode_dense if isinstance(tensor, DenseTensor) else _decode_codebook
-    if tensor.mask is None:
-        return decode(b, name, tensor, stored, out)  # type: ignore[arg-type]
-    values = decode(b, name, tensor, stored[tensor.mask], f"{name}:kept")  # type: ignore[arg-type]
-    _, index = _gather_index(b, name, tensor.mask)
-    return _expand(b, name, values, index, tensor.shape, F32, out)
+    return DECODERS[encoding_of(tensor)](b, out, tensor)
 
 
 # ---------------------------------------------------------------------------------- graph ops
@@ -376,70 +403,3 @@ def export_onnx(
 def onnx_bytes(model: onnx.ModelProto) -> int:
     """Size of the serialized model in bytes (what ``onnx.save`` writes)."""
     return model.ByteSize()
-
-
-def onnx_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
-    """An onnxruntime CPU session for an exported model, ``threads`` intra-op threads.
-
-    Session options, chosen for parity with the numpy and torch runtimes:
-
-    - ``session.disable_quant_qdq = 1``. With onnxruntime's QDQ optimisations on, it keeps every
-      ``DequantizeLinear`` of a weight out of constant folding (the weights are decoded again on
-      every run: issue 5 measured 2.2x slower with onnxruntime 1.31; 1.32 on our 2-core machine
-      showed no clear difference), and it may fuse ``DequantizeLinear -> Conv ->
-      QuantizeLinear`` into int8 kernels (QLinearConv) whose u8 x s8 arithmetic saturates on
-      CPUs without VNNI (issue 5: 14% of predictions changed with full-range 8-bit codes). With
-      them off, the whole weight decoding (Cast, Gather, DequantizeLinear, CumSum...) is
-      constant-folded once when the session opens, the graph then holds plain float Convs like
-      the ``dense=True`` export, and activation Q/DQ pairs run as float fake quantization,
-      exactly as SPEC.md section 7 specifies, so parity does not depend on the CPU.
-    - all other graph optimisations on (``ORT_ENABLE_ALL``: constant folding, Conv+activation
-      fusion, NCHWc layouts), which keep float32 arithmetic.
-    - sequential execution with one inter-op thread, so ``threads`` is the whole thread budget.
-    """
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-
-
-class OnnxProgram:
-    """An exported model in onnxruntime, with ``Program.predict``'s interface."""
-
-    def __init__(self, model: onnx.ModelProto, threads: int = 1) -> None:
-        """Open ``model`` with ``onnx_session``; remember its image and output shapes."""
-        self.session = onnx_session(model, threads)
-        self.image_shape = _static_dims(model.graph.input[0])
-        self.num_classes = _static_dims(model.graph.output[0])[0]
-
-    def predict(
-        self,
-        images: np.ndarray,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        progress: Callable[[int], None] | None = None,
-    ) -> np.ndarray:
-        """Logits [N, classes] of uint8 images [N, H, W, C], ``batch_size`` images per run;
-        ``progress(count)`` is called after each chunk."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.shape[1:] != self.image_shape:
-            raise ValueError(
-                f"expected uint8 images [N, {', '.join(map(str, self.image_shape))}], "
-                f"got {images.dtype} {list(images.shape)}"
-            )
-        return predict_in_batches(
-            lambda chunk: self.session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0],
-            images,
-            batch_size,
-            self.num_classes,
-            progress,
-        )
-
-
-def _static_dims(value: onnx.ValueInfoProto) -> tuple[int, ...]:
-    """The dimensions of a value after its (dynamic) batch dimension."""
-    return tuple(d.dim_value for d in value.type.tensor_type.shape.dim[1:])
