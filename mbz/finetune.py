@@ -23,6 +23,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from mbz.format import Tensor
 from mbz.format.encodings import encoding_of
 from mbz.graph_ops import weight_nodes
 from mbz.prune import batchnorm_keep_masks, magnitude_masks, plan_channels
-from mbz.qat import TRAINABLE, TrainableGraph
+from mbz.qat import TRAINABLE, FloatWeight, TrainableGraph
 from mbz.train_distill import Distillation
 from mbz.train_recipe import Recipe
 from mbz.training import FitResult, Objective, StepReport, evaluate_model, fit, split_holdout
@@ -99,7 +100,8 @@ class Tuning:
         keep_start: bool = True,
         objective: Objective | None = None,
         on_epoch: Callable[[dict], None] | None = None,
-        **callbacks: Callable | None,
+        penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+        after_step: Callable[[nn.Module], None] | None = None,
     ) -> FitResult:
         """``steps()`` optimizer steps of ``mbz.training.fit`` on ``train`` (distilling from
         the teacher, if any), scored on ``val`` after each epoch and, with ``keep_start``,
@@ -129,7 +131,8 @@ class Tuning:
             on_epoch=_both(on_epoch, self.on_epoch),
             objective=objective,
             keep_start=keep_start and self.keep_start,
-            **callbacks,
+            penalty=penalty,
+            after_step=after_step,
         )
         self.history += [{"stage": stage, **stats} for stats in result.history]
         self.mark_packed(result.best_epoch)
@@ -178,8 +181,8 @@ def load_training(
     try:
         return load_split(source, "train", data_root=data_root)
     except MbzError as error:
-        found = load_unlabelled(source, "train") if teacher is not None else None
-        if found is None:
+        found = None if teacher is None else load_unlabelled(source, "train")
+        if teacher is None or found is None:
             raise MbzError(
                 f"fine-tuning (--finetune-epochs) trains on the train split of --data, which "
                 f"could not be read: {error}. Pass --data with x_train (and y_train), or "
@@ -286,9 +289,11 @@ class _GradualPruning:
     def prune(self, fraction: float) -> None:
         """Global magnitude masks for ``fraction`` over the current weights."""
         names = self.model.weight_names()
-        weights = {name: self.model.weight(name).weight.detach().cpu().numpy() for name in names}
+        weights = {
+            name: _float_weight(self.model, name).weight.detach().cpu().numpy() for name in names
+        }
         for name, mask in magnitude_masks(self.graph, weights, fraction).items():
-            self.model.weight(name).set_mask(mask)
+            _float_weight(self.model, name).set_mask(mask)
 
     def on_epoch(self, stats: dict) -> None:
         reached = stats["epoch"] * self.steps_per_epoch >= self.end
@@ -316,12 +321,20 @@ def prune_weights(
         after_step=schedule.after_step,
         on_epoch=schedule.on_epoch,
     )
+    if schedule.best is None:  # the last epoch reaches ``end`` <= the steps run
+        raise RuntimeError("gradual pruning ended before it reached its target")
     _, epoch, state = schedule.best
     model.load_state_dict(state)
     tuning.mark_packed(epoch)
     model.cpu()
     params.update(model.float_values())
-    return {name: model.weight(name).mask.numpy() for name in model.weight_names()}
+    masks = {name: _float_weight(model, name).mask for name in model.weight_names()}
+    return {name: mask.numpy() for name, mask in masks.items() if mask is not None}
+
+
+def _float_weight(model: TrainableGraph, name: str) -> FloatWeight:
+    # gradual pruning builds its TrainableGraph from float weights only (no stored tensors)
+    return cast(FloatWeight, model.weight(name))
 
 
 # Quantized weights and activations: the trainable folded graph.
@@ -347,6 +360,6 @@ def finetune_quantized(
     if stage is None:
         return tensors
     model = TrainableGraph(graph, params, tensors)
-    result = tuning.fit(model, stage, 0.0, after_step=TrainableGraph.apply_masks)
+    result = tuning.fit(model, stage, 0.0, after_step=lambda _: model.apply_masks())
     model.load_state_dict(result.best_state)
     return model.cpu().export(tensors)

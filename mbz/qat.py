@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -248,6 +249,17 @@ class UniformWeight(nn.Module):
         )
 
 
+class WeightModule(Protocol):
+    """What every weight module above offers. ``export`` takes the stored tensor of the
+    module's own encoding, a pairing the type of ``TRAINABLE`` cannot express: hence Any."""
+
+    def __call__(self) -> torch.Tensor: ...
+
+    def apply_mask(self) -> None: ...
+
+    def export(self, template: Any) -> Tensor: ...
+
+
 @dataclass(frozen=True)
 class Trainable:
     """How fine-tuning trains the weights of one encoding."""
@@ -312,16 +324,20 @@ class TrainableGraph(GraphModule):
         return {role: self._value(self.slots[name]) for role, name in node["params"].items()}
 
     def _value(self, slot: str) -> torch.Tensor:
-        return self.weights[slot]() if slot in self.weights else getattr(self, slot)
+        return self._weight(slot)() if slot in self.weights else getattr(self, slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a preprocessed batch, always in float32 (no autocast), as the file runs."""
         with torch.autocast(x.device.type, enabled=False):
             return super().forward(x.float())
 
-    def weight(self, name: str) -> nn.Module:
+    def weight(self, name: str) -> WeightModule:
         """The module of the conv/linear weight named ``name`` in the tensor table."""
-        return self.weights[self.slots[name]]
+        return self._weight(self.slots[name])
+
+    def _weight(self, slot: str) -> WeightModule:
+        # ModuleDict items are typed nn.Module; ``weights`` holds only weight modules
+        return cast(WeightModule, self.weights[slot])
 
     def weight_names(self) -> list[str]:
         """Tensor names of the conv/linear weights, in graph order."""
@@ -329,8 +345,8 @@ class TrainableGraph(GraphModule):
 
     def apply_masks(self) -> None:
         """Zero every masked weight (call after each optimizer step)."""
-        for module in self.weights.values():
-            module.apply_mask()
+        for slot in self.weights:
+            self._weight(slot).apply_mask()
 
     @torch.no_grad()
     def float_values(self) -> dict[str, np.ndarray]:
@@ -345,7 +361,7 @@ class TrainableGraph(GraphModule):
         exported: dict[str, Tensor] = {}
         for name, slot in self.slots.items():
             if slot in self.weights:
-                exported[name] = self.weights[slot].export(tensors.get(name))
+                exported[name] = self._weight(slot).export(tensors.get(name))
             else:
                 exported[name] = DenseTensor(values=_numpy(getattr(self, slot)))
         return exported
