@@ -280,7 +280,7 @@ class _Builder:
     ) -> str:
         """Append an IR node computing ``node``, its ``tensors`` stored as ``<name>.<role>``;
         returns the node's (and its output's) name."""
-        name = self.unique(name or (node.target if node.op == "call_module" else node.name))
+        name = self.unique(name or (str(node.target) if node.op == "call_module" else node.name))
         roles = {role: f"{name}.{role}" for role in tensors or {}}
         self.params.update({roles[r]: v.astype(np.float32) for r, v in (tensors or {}).items()})
         self.nodes.append(
@@ -325,7 +325,7 @@ class _Builder:
         self.output = self.values[result]
 
     def _call_module(self, node: fx.Node) -> None:
-        module = self.modules[node.target]
+        module = self.modules[str(node.target)]  # a call_module's target is the module's name
         for kind, handler in _MODULE_HANDLERS:
             if isinstance(module, kind):
                 handler(self, node, module)
@@ -339,7 +339,7 @@ class _Builder:
         handler(self, node)
 
     def _call_method(self, node: fx.Node) -> None:
-        handler = _METHOD_HANDLERS.get(node.target)
+        handler = _METHOD_HANDLERS.get(str(node.target))  # a call_method's is the method's
         if handler is None:
             raise _unsupported(f"Tensor.{node.target}", _where(node))
         handler(self, node)
@@ -553,14 +553,14 @@ def _size(b: _Builder, node: fx.Node) -> None:
 
 def _getattr(b: _Builder, node: fx.Node) -> None:
     source, attribute = node.args
-    if attribute != "shape":
+    if attribute != "shape" or not isinstance(source, fx.Node):
         raise _unsupported(f"Tensor.{attribute}", _where(node))
     b.sizes[node] = (source, None)
 
 
 def _getitem(b: _Builder, node: fx.Node) -> None:
     source, index = node.args
-    query = b.sizes.get(source)
+    query = b.sizes.get(source) if isinstance(source, fx.Node) else None
     if query is None or query[1] is not None or type(index) is not int:
         raise _unsupported("getitem", _where(node))
     b.sizes[node] = (query[0], index)

@@ -126,7 +126,7 @@ def preprocess_images(
 def image_batches(
     images: np.ndarray,
     preprocess: dict,
-    device: torch.device,
+    device: torch.device | str,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:

@@ -240,7 +240,8 @@ class _Trainer:
             (lambda: torch.autocast("cuda", dtype=half)) if cuda else contextlib.nullcontext
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and half == torch.float16)
-        self.total_steps = min(recipe.epochs * plan.steps, objective.max_steps or math.inf)
+        steps = recipe.epochs * plan.steps
+        self.total_steps = min(steps, objective.max_steps) if objective.max_steps else steps
         self.warmup_steps = round(recipe.warmup_epochs * plan.steps)
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor, mixed: Mixed):
