@@ -4,61 +4,40 @@ Weights arrive pre-arranged by ``prepare_*`` (done once per program). No Python 
 pixels, channels or kernel taps: windowed ops read a strided view of every window at once
 (``windows``), and im2col scratch is built and used in blocks of at most ``SCRATCH_BYTES``.
 Element-wise kernels take an optional ``out`` array (which may be their input) so that the
-program can run them in place. Every kernel accepts a ``pool``; the large ones take their arrays
-from it: reusing memory across the batches of a run avoids the page faults of fresh
-allocations, which otherwise cost as much as the arithmetic.
+program can run them in place. Every kernel accepts a ``pool`` (``codes.BufferPool``); the large
+ones take their arrays from it.
 
-Quantized activations are held as integer codes (``Codes``: ``encode`` and ``decode``), bit-packed
-when they have 4 bits or fewer, so that a quantized value takes 1/4 to 1/32 of its float32 bytes.
-The 1x1 and depthwise convolutions read and write codes a cache-sized block at a time.
+The 1x1 and depthwise convolutions read and write quantized activations (``codes.Codes``) a
+cache-sized block at a time.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from .codes import (
+    BufferPool,
+    Codes,
+    Shape,
+    as_float,
+    decode_range,
+    encode_range,
+    give,
+    new_codes,
+    take,
+)
+
 F32 = np.float32
-U8 = np.uint8
 CACHE_BLOCK_BYTES = 256 * 1024  # output bytes per depthwise block, well inside a core's L2
 SCRATCH_BYTES = 16 * 1024 * 1024  # im2col columns per block of output rows
-CODE_WIDTHS = (1, 2, 4, 8)  # bits per stored code: the narrowest of these that holds the bits
 Pair = tuple[int, int]
-Shape = tuple[int, ...]
 Clip = tuple[float, float] | None  # a fused relu / relu6: (low, high) bounds
 
-
-class BufferPool:
-    """Arrays recycled by exact shape and dtype (one pool per run; not thread-safe)."""
-
-    def __init__(self) -> None:
-        """An empty pool."""
-        self._free: dict[tuple[Shape, np.dtype], list[np.ndarray]] = {}
-
-    def take(self, shape: Shape, dtype: type = F32) -> np.ndarray:
-        """An uninitialised C-contiguous array of ``shape`` (float32 unless ``dtype``)."""
-        stack = self._free.get((tuple(shape), np.dtype(dtype)))
-        return stack.pop() if stack else np.empty(shape, dtype=dtype)
-
-    def give(self, array: np.ndarray) -> None:
-        """Hand back an array from ``take`` that nothing reads any more."""
-        self._free.setdefault((array.shape, array.dtype), []).append(array)
-
-
 _NO_SCRATCH = np.empty(0, F32)  # the scratch space of rows that need no decoding
-
-
-def _take(pool: BufferPool | None, shape: Shape, dtype: type = F32) -> np.ndarray:
-    return np.empty(shape, dtype=dtype) if pool is None else pool.take(shape, dtype)
-
-
-def _give(pool: BufferPool | None, array: np.ndarray) -> None:
-    if pool is not None:
-        pool.give(array)
 
 
 # ----------------------------------------------------------------------------- weight layouts
@@ -100,7 +79,7 @@ def pad_nhwc(
     if ph == 0 and pw == 0:
         return x
     n, h, w, c = x.shape
-    out = _take(pool, (n, h + 2 * ph, w + 2 * pw, c))
+    out = take(pool, (n, h + 2 * ph, w + 2 * pw, c))
     out[:, :ph] = value
     out[:, ph + h :] = value
     out[:, ph : ph + h, :pw] = value
@@ -111,7 +90,7 @@ def pad_nhwc(
 
 def _release_padded(pool: BufferPool | None, padded: np.ndarray, x: np.ndarray) -> None:
     if padded is not x:
-        _give(pool, padded)
+        give(pool, padded)
 
 
 def tile_rows(values: np.ndarray, width: int) -> np.ndarray:
@@ -259,7 +238,7 @@ class _Rows:
         self.rows: np.ndarray | Codes = activation  # codes, or the array's rows
         self.scratch = _NO_SCRATCH
         if isinstance(activation, Codes):
-            self.scratch = _take(pool, (block * self.row_size,))
+            self.scratch = take(pool, (block * self.row_size,))
         else:
             self.rows = activation.reshape(-1, *self.row_shape)
 
@@ -274,7 +253,7 @@ class _Rows:
     ):
         """Writes an activation of ``shape`` (codes when ``quant``) ``block`` rows at a time."""
         if quant is None:
-            return cls(_take(pool, shape), rank, block, pool)
+            return cls(take(pool, shape), rank, block, pool)
         return cls(new_codes(shape, pool=pool, **quant), rank, block, pool)
 
     def __enter__(self) -> _Rows:
@@ -282,7 +261,7 @@ class _Rows:
 
     def __exit__(self, *exc: object) -> None:
         if isinstance(self.rows, Codes):
-            _give(self.pool, self.scratch)
+            give(self.pool, self.scratch)
 
     def _scratch(self, begin: int, stop: int) -> np.ndarray:
         return self.scratch[: (stop - begin) * self.row_size].reshape(-1, *self.row_shape)
@@ -342,16 +321,16 @@ def conv_grouped(
     ``prepare_grouped``."""
     n, c = x.shape[0], x.shape[3]
     out_hw = _out_hw(x.shape, kernel, stride, padding, dilation)
-    out = _take(pool, (n, *out_hw, weight.shape[0] * weight.shape[2]))
+    out = take(pool, (n, *out_hw, weight.shape[0] * weight.shape[2]))
     padded = pad_nhwc(x, padding, pool=pool)
     view = windows(padded, kernel, stride, dilation, out_hw)
     row_bytes = 4 * out_hw[1] * kernel[0] * kernel[1] * c
     for images, rows in row_blocks(n, out_hw[0], row_bytes, SCRATCH_BYTES):
         source = view[images, rows]
-        columns = _take(pool, source.shape)
+        columns = take(pool, source.shape)
         np.copyto(columns, source)
         _matmul_groups(columns, weight, out[images, rows])
-        _give(pool, columns)
+        give(pool, columns)
     _release_padded(pool, padded, x)
     _finish(out, tile_rows(bias, out_hw[1]), clip)
     return out
@@ -383,7 +362,7 @@ def linear(
 
 
 def _output_for(x: np.ndarray, out: np.ndarray | None, pool: BufferPool | None) -> np.ndarray:
-    return _take(pool, x.shape) if out is None else out
+    return take(pool, x.shape) if out is None else out
 
 
 def batchnorm(
@@ -421,169 +400,6 @@ def add(
     return np.add(a, b, out=_output_for(a, out, pool))
 
 
-def quantize(
-    x: np.ndarray,
-    bits: int,
-    scale: float,
-    zero_point: int,
-    out: np.ndarray | None = None,
-    pool: BufferPool | None = None,
-) -> np.ndarray:
-    """Fake quantization exactly as ``torch.fake_quantize_per_tensor_affine(x, scale,
-    zero_point, 0, 2**bits - 1)``, in float32 with round-half-even (SPEC.md section 7): the
-    decoded ``encode`` of ``x``."""
-    codes = encode(x, bits, scale, zero_point, pool)
-    result = decode(codes, pool, out)
-    _give(pool, codes.data)
-    return result
-
-
-# ------------------------------------------------------------------------ activation codes
-
-
-@dataclass(frozen=True)
-class Codes:
-    """A quantized activation held as its integer codes ``q`` (the value is
-    ``(q - zero_point) * scale``).
-
-    ``data`` stores the ``prod(shape)`` codes (C order) in ``width``-bit slots, planar: with
-    ``per = 8 // width`` codes per byte and ``m = ceil(count / per)`` bytes, code ``i * m + j``
-    sits at bit ``i * width`` of byte ``j``, so packing and unpacking are whole-array shifts."""
-
-    data: np.ndarray
-    shape: Shape
-    bits: int
-    scale: float
-    zero_point: int
-
-    @property
-    def width(self) -> int:
-        """Bits per stored code."""
-        return code_width(self.bits)
-
-
-def code_width(bits: int) -> int:
-    """The slot width that holds ``bits``-bit codes: 1, 2, 4 or 8."""
-    return next(width for width in CODE_WIDTHS if width >= bits)
-
-
-def _planes(count: int, width: int) -> tuple[int, int]:
-    """(codes per byte, bytes) of ``count`` codes in ``width``-bit slots."""
-    per = 8 // width
-    return per, -(-count // per)
-
-
-def new_codes(
-    shape: Shape, bits: int, scale: float, zero_point: int, pool: BufferPool | None = None
-) -> Codes:
-    """Codes of ``shape`` to be filled by ``encode_range`` (packed slots start at zero)."""
-    per, size = _planes(math.prod(shape), code_width(bits))
-    data = _take(pool, (size,), U8)
-    if per > 1:
-        data.fill(0)
-    return Codes(data, tuple(shape), bits, scale, zero_point)
-
-
-def encode(
-    x: np.ndarray,
-    bits: int,
-    scale: float,
-    zero_point: int,
-    pool: BufferPool | None = None,
-    overwrite: bool = False,
-) -> Codes:
-    """The codes ``clamp(round_half_even(x * float32(1 / scale)) + zero_point, 0, 2**bits - 1)``
-    of a float32 array (SPEC.md section 7); ``overwrite`` lets it use ``x`` as scratch space."""
-    codes = new_codes(x.shape, bits, scale, zero_point, pool)
-    encode_range(x.reshape(-1), codes, 0, pool, overwrite)
-    return codes
-
-
-def encode_range(
-    values: np.ndarray,
-    codes: Codes,
-    start: int,
-    pool: BufferPool | None = None,
-    overwrite: bool = True,
-) -> None:
-    """Encode the flat float32 ``values`` as codes ``start`` onwards of ``codes``, using
-    ``values`` as scratch space when ``overwrite``.
-
-    Clamping to ``[-zero_point, 2**bits - 1 - zero_point]`` before rounding equals clamping
-    after it (the bounds are integers), and leaves the zero point to add only when not 0.
-    Every pass stays within one dtype but the last: numpy's casting loops are buffered and
-    several times slower."""
-    q = values if overwrite else _take(pool, values.shape)
-    zero, top = F32(codes.zero_point), F32(2**codes.bits - 1)
-    np.multiply(values, F32(1) / F32(codes.scale), out=q)
-    np.clip(q, -zero, top - zero, out=q)
-    np.rint(q, out=q)
-    if zero:
-        q += zero
-    stop, width = start + q.size, codes.width
-    per, size = _planes(math.prod(codes.shape), width)
-    if per == 1:
-        np.copyto(codes.data[start:stop], q, casting="unsafe")
-    elif stop > start:
-        part = _take(pool, q.shape, U8)
-        np.copyto(part, q, casting="unsafe")
-        for i, lo, hi in _plane_spans(start, stop, size):
-            piece = part[lo - start : hi - start]
-            np.left_shift(piece, i * width, out=piece)
-            target = codes.data[lo - i * size : hi - i * size]
-            np.bitwise_or(target, piece, out=target)
-        _give(pool, part)
-    if not overwrite:
-        _give(pool, q)
-
-
-def _plane_spans(start: int, stop: int, size: int) -> Iterator[tuple[int, int, int]]:
-    """(plane, first code, end code) of each plane of ``size`` codes that [start, stop) meets."""
-    for i in range(start // size, (stop - 1) // size + 1):
-        yield i, max(start, i * size), min(stop, (i + 1) * size)
-
-
-def decode(
-    codes: Codes, pool: BufferPool | None = None, out: np.ndarray | None = None
-) -> np.ndarray:
-    """The float32 values ``(float32(q) - zero_point) * float32(scale)`` of ``codes`` (into
-    ``out``, C-contiguous, when given), exactly the fake-quantized values they came from."""
-    out = _take(pool, codes.shape) if out is None else out
-    if not out.flags.c_contiguous:
-        raise ValueError("decode needs a C-contiguous output array")
-    flat = out.reshape(-1)
-    decode_range(codes, 0, flat.size, flat, pool)
-    return out
-
-
-def decode_range(
-    codes: Codes, start: int, stop: int, out: np.ndarray, pool: BufferPool | None = None
-) -> np.ndarray:
-    """Decode codes ``start`` to ``stop`` (C order) into the flat float32 ``out``."""
-    width, zero = codes.width, F32(codes.zero_point)
-    per, size = _planes(math.prod(codes.shape), width)
-    if per == 1:
-        np.copyto(out, codes.data[start:stop])
-    elif stop > start:
-        part, mask = _take(pool, (stop - start,), U8), U8(2**width - 1)
-        for i, lo, hi in _plane_spans(start, stop, size):
-            piece = part[: hi - lo]
-            np.right_shift(codes.data[lo - i * size : hi - i * size], i * width, out=piece)
-            np.bitwise_and(piece, mask, out=piece)
-            np.copyto(out[lo - start : hi - start], piece)
-        _give(pool, part)
-    if zero:
-        out -= zero
-    out *= F32(codes.scale)
-    return out
-
-
-def as_float(x: np.ndarray | Codes, pool: BufferPool | None = None) -> np.ndarray:
-    """An activation as float32: codes decoded (into an array from ``pool``), arrays as they
-    are."""
-    return decode(x, pool) if isinstance(x, Codes) else x
-
-
 # ---------------------------------------------------------------------------------- pooling
 
 
@@ -619,13 +435,13 @@ def _pool_reduce(
     out_w = (width - kernel[1]) // stride[1] + 1
     sn, sh, sw, sc = padded.strides
     columns = as_strided(padded, (n, height, out_w, kernel[1], c), (sn, sh, sw * stride[1], sw, sc))
-    rows = _take(pool, (n, height, out_w, c))
+    rows = take(pool, (n, height, out_w, c))
     ufunc.reduce(columns, axis=3, out=rows)
     rn, rh, rw, rc = rows.strides
     windows_ = as_strided(rows, (n, out_h, kernel[0], out_w, c), (rn, rh * stride[0], rh, rw, rc))
-    out = _take(pool, (n, out_h, out_w, c))
+    out = take(pool, (n, out_h, out_w, c))
     ufunc.reduce(windows_, axis=2, out=out)
-    _give(pool, rows)
+    give(pool, rows)
     return out
 
 

@@ -3,7 +3,7 @@
 Values flow in NHWC layout internally (feature maps) or as [N, F] (flat features); only the
 graph input of ``run`` is converted from NCHW, once. A conv2d followed by its relu/relu6 runs as
 one fused step, and so does any node followed by its quantize. A quantize output is held as
-integer codes (``ops.Codes``): 1x1 and depthwise convolutions decode them block by block, other
+integer codes (``Codes``): 1x1 and depthwise convolutions decode them block by block, other
 steps read a decoded scratch copy. A value is freed as soon as its last reader has run (its
 memory goes back to the run's buffer pool), and element-wise ops overwrite their input when
 nothing else needs it.
@@ -27,7 +27,8 @@ from mbz.format.container import MbzFile, read_mbz
 from mbz.format.errors import MbzFormatError
 from mbz.format.limits import DEFAULT_LIMITS, Limits
 
-from . import ops
+from . import kernels
+from .codes import BufferPool, Codes, as_float, decode, encode
 from .graph import GraphCost, Shape, analyze
 from .threads import blas_threads
 
@@ -36,10 +37,10 @@ CLIP_BOUNDS = {Op.RELU: (0.0, float("inf")), Op.RELU6: (0.0, 6.0)}
 IN_PLACE_OPS = frozenset({Op.BATCHNORM, Op.RELU, Op.RELU6, Op.ADD})
 FUSED = frozenset({"activation", "quantize"})  # attrs that fusion adds to a node
 # Kernels that read codes and write them (``quant``) a block at a time, in cache.
-BLOCK_CODED = frozenset({ops.conv_pointwise, ops.conv_depthwise})
+BLOCK_CODED = frozenset({kernels.conv_pointwise, kernels.conv_depthwise})
 PREPROCESS_KEYS = frozenset({"layout", "dtype", "mean", "std"})
 BATCH_ACTIVATION_BYTES = 1 << 28  # predict shrinks its batches to hold at most this at once
-Value = np.ndarray | ops.Codes
+Value = np.ndarray | Codes
 Kernel = Callable[..., Value]
 
 
@@ -86,7 +87,7 @@ class Program:
         if x.ndim != 4 or x.shape[1:] != self.input_shape:
             raise ValueError(f"expected a batch [N, *{list(self.input_shape)}], got {x.shape}")
         nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=F32)
-        return self._execute(nhwc, ops.BufferPool())
+        return self._execute(nhwc, BufferPool())
 
     def preprocess_images(self, images_uint8_nhwc: np.ndarray) -> np.ndarray:
         """``((image / 255) - mean) / std`` in float32, staying NHWC."""
@@ -107,7 +108,7 @@ class Program:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         batch_size = max(1, min(batch_size, BATCH_ACTIVATION_BYTES // self.cost.peak_bytes))
-        pool = ops.BufferPool()
+        pool = BufferPool()
         with blas_threads(threads):
             return predict_in_batches(
                 lambda chunk: self._execute(self.preprocess_images(chunk), pool),
@@ -124,7 +125,7 @@ class Program:
             raise ValueError(f"expected uint8 images [N, {h}, {w}, {c}], got {images.shape}")
         return images
 
-    def _execute(self, x_nhwc: np.ndarray, pool: ops.BufferPool) -> np.ndarray:
+    def _execute(self, x_nhwc: np.ndarray, pool: BufferPool) -> np.ndarray:
         """Run every step on an NHWC batch, tracking the peak bytes of live activations: the
         values held between steps, each at its stored size (codes for quantized ones).
 
@@ -134,7 +135,7 @@ class Program:
         peak = _live_bytes(values)
         for step in self.steps:
             stored = [values[name] for name in step.inputs]
-            args = stored if step.reads_codes else [ops.as_float(value, pool) for value in stored]
+            args = stored if step.reads_codes else [as_float(value, pool) for value in stored]
             extra = {"out": args[0]} if step.in_place else {}
             result = values[step.output] = step.kernel(*args, pool=pool, **extra)
             peak = max(peak, _live_bytes(values))
@@ -145,7 +146,7 @@ class Program:
                 _release(values, name, pool, name == self.input_name)
         self.last_peak_bytes_per_image = math.ceil(peak / max(len(x_nhwc), 1))
         output = values[self.output_name]
-        return ops.decode(output) if isinstance(output, ops.Codes) else output.copy()
+        return decode(output) if isinstance(output, Codes) else output.copy()
 
 
 def predict_in_batches(
@@ -199,10 +200,10 @@ def shape_standins(mbz: MbzFile) -> dict[str, np.ndarray]:
 
 def _array(value: Value) -> np.ndarray:
     """The array that holds a value's bytes."""
-    return value.data if isinstance(value, ops.Codes) else value
+    return value.data if isinstance(value, Codes) else value
 
 
-def _release(values: dict[str, Value], name: str, pool: ops.BufferPool, keep: bool) -> None:
+def _release(values: dict[str, Value], name: str, pool: BufferPool, keep: bool) -> None:
     """Forget a value; recycle its array unless ``keep`` or another value still holds it."""
     array = _array(values.pop(name))
     if not keep and all(_array(other) is not array for other in values.values()):
@@ -332,14 +333,14 @@ def _then_encode(
     kernel: Kernel,
     code: dict,
     *args: np.ndarray,
-    pool: ops.BufferPool,
+    pool: BufferPool,
     out: np.ndarray | None = None,
-) -> ops.Codes:
+) -> Codes:
     """``kernel``'s result as codes, encoded in place (the float result dies here): it goes
     back to ``pool`` unless it is ``out`` (an input the caller recycles)."""
     # a kernel that encodes nothing itself returns float32
     result = cast(np.ndarray, kernel(*args, pool=pool, **({} if out is None else {"out": out})))
-    codes = ops.encode(result, pool=pool, overwrite=True, **code)
+    codes = encode(result, pool=pool, overwrite=True, **code)
     if result is not out:
         pool.give(result)
     return codes
@@ -351,21 +352,21 @@ def _conv_kernel(weights: dict[str, np.ndarray], attrs: dict) -> Kernel:
     clip = CLIP_BOUNDS.get(attrs.get("activation"))
     fixed: dict[str, Any] = {"bias": bias, "stride": stride, "padding": padding, "clip": clip}
     if groups == 1 and weight.shape[2:] == (1, 1):
-        return partial(ops.conv_pointwise, weight=ops.prepare_pointwise(weight), **fixed)
+        return partial(kernels.conv_pointwise, weight=kernels.prepare_pointwise(weight), **fixed)
     fixed["dilation"] = dilation
     if groups == weight.shape[0] and weight.shape[1] == 1:
-        return partial(ops.conv_depthwise, weight=ops.prepare_depthwise(weight), **fixed)
-    grouped = ops.prepare_grouped(weight, groups)
-    return partial(ops.conv_grouped, weight=grouped, kernel=weight.shape[2:], **fixed)
+        return partial(kernels.conv_depthwise, weight=kernels.prepare_depthwise(weight), **fixed)
+    grouped = kernels.prepare_grouped(weight, groups)
+    return partial(kernels.conv_grouped, weight=grouped, kernel=weight.shape[2:], **fixed)
 
 
 def _linear_kernel(weights: dict[str, np.ndarray], attrs: dict) -> Kernel:
     weight = np.ascontiguousarray(weights["weight"].T)
-    return partial(ops.linear, weight=weight, bias=weights["bias"])
+    return partial(kernels.linear, weight=weight, bias=weights["bias"])
 
 
 def _batchnorm_kernel(weights: dict[str, np.ndarray], attrs: dict) -> Kernel:
-    return partial(ops.batchnorm, scale=weights["scale"], shift=weights["shift"])
+    return partial(kernels.batchnorm, scale=weights["scale"], shift=weights["shift"])
 
 
 def _pool_kernel(op: Kernel) -> Callable[[dict, dict], Kernel]:
@@ -377,13 +378,13 @@ def _pool_kernel(op: Kernel) -> Callable[[dict, dict], Kernel]:
 
 
 def _code_attrs(attrs: dict) -> dict:
-    """A quantize node's attrs as ``ops.encode`` keywords."""
+    """A quantize node's attrs as ``encode`` keywords."""
     bits, zero_point = attrs["bits"], attrs["zero_point"]
     return {"bits": bits, "scale": float(attrs["scale"]), "zero_point": zero_point}
 
 
 def _quantize_kernel(weights: dict[str, np.ndarray], attrs: dict) -> Kernel:
-    return partial(ops.encode, **_code_attrs(attrs))
+    return partial(encode, **_code_attrs(attrs))
 
 
 def _plain(op: Kernel) -> Callable[[dict, dict], Kernel]:
@@ -394,12 +395,12 @@ KERNEL_BUILDERS: dict[Op, Callable[[dict[str, np.ndarray], dict], Kernel]] = {
     Op.CONV2D: _conv_kernel,
     Op.LINEAR: _linear_kernel,
     Op.BATCHNORM: _batchnorm_kernel,
-    Op.RELU: _plain(ops.relu),
-    Op.RELU6: _plain(ops.relu6),
-    Op.ADD: _plain(ops.add),
-    Op.AVGPOOL2D: _pool_kernel(ops.avgpool2d),
-    Op.MAXPOOL2D: _pool_kernel(ops.maxpool2d),
-    Op.GLOBAL_AVGPOOL: _plain(ops.global_avgpool),
-    Op.FLATTEN: _plain(ops.flatten),
+    Op.RELU: _plain(kernels.relu),
+    Op.RELU6: _plain(kernels.relu6),
+    Op.ADD: _plain(kernels.add),
+    Op.AVGPOOL2D: _pool_kernel(kernels.avgpool2d),
+    Op.MAXPOOL2D: _pool_kernel(kernels.maxpool2d),
+    Op.GLOBAL_AVGPOOL: _plain(kernels.global_avgpool),
+    Op.FLATTEN: _plain(kernels.flatten),
     Op.QUANTIZE: _quantize_kernel,
 }

@@ -19,8 +19,8 @@ from mbz.data import CIFAR10_MEAN, CIFAR10_STD, Dataset, load_split
 from mbz.fold import fold_batchnorm
 from mbz.format import read_mbz
 from mbz.pack import pack
-from mbz.runtime import Program, load_program, ops
-from mbz.runtime.ops import BufferPool, decode, encode
+from mbz.runtime import Program, kernels, load_program
+from mbz.runtime.codes import BufferPool, decode, encode, quantize
 from tests.helpers import fragment_path, invoke, narrow_mobilenet, save_mbz_checkpoint
 
 PREPROCESS = {"layout": "NHWC", "dtype": "uint8", "mean": [*CIFAR10_MEAN], "std": [*CIFAR10_STD]}
@@ -213,7 +213,7 @@ def test_program_with_codes_equals_float_fake_quantization(bits, monkeypatch):
     """Holding codes, decoding them per reader and encoding conv outputs a block at a time
     computes exactly what the runtime's kernels compute on float fake-quantized values (small
     cache blocks, so that blocks straddle the planes of packed codes)."""
-    monkeypatch.setattr(ops, "CACHE_BLOCK_BYTES", 300)
+    monkeypatch.setattr(kernels, "CACHE_BLOCK_BYTES", 300)
     program, spec = block_program(bits)
     images = random_images(5, 3)[:, :6, :6]
     weights = spec["params"]
@@ -221,20 +221,20 @@ def test_program_with_codes_equals_float_fake_quantization(bits, monkeypatch):
     relu6, same = (0.0, 6.0), {"stride": (1, 1), "dilation": (1, 1)}
 
     def pointwise(value, name, clip=None):
-        w = ops.prepare_pointwise(weights[f"{name}.w"])
-        return ops.conv_pointwise(value, w, weights[f"{name}.b"], (1, 1), (0, 0), clip)
+        w = kernels.prepare_pointwise(weights[f"{name}.w"])
+        return kernels.conv_pointwise(value, w, weights[f"{name}.b"], (1, 1), (0, 0), clip)
 
-    w1 = ops.prepare_grouped(weights["c1.w"], 1)
-    c1 = ops.conv_grouped(program.preprocess_images(images), w1, weights["c1.b"], (3, 3),
+    w1 = kernels.prepare_grouped(weights["c1.w"], 1)
+    c1 = kernels.conv_grouped(program.preprocess_images(images), w1, weights["c1.b"], (3, 3),
                           padding=(1, 1), clip=relu6, **same)  # fmt: skip
-    q1 = ops.quantize(c1, **attrs["q1"])
-    q2 = ops.quantize(pointwise(q1, "expand", relu6), **attrs["q2"])
-    wd = ops.prepare_depthwise(weights["dw.w"])
-    q3 = ops.quantize(ops.conv_depthwise(q2, wd, weights["dw.b"], padding=(1, 1), clip=relu6,
+    q1 = quantize(c1, **attrs["q1"])
+    q2 = quantize(pointwise(q1, "expand", relu6), **attrs["q2"])
+    wd = kernels.prepare_depthwise(weights["dw.w"])
+    q3 = quantize(kernels.conv_depthwise(q2, wd, weights["dw.b"], padding=(1, 1), clip=relu6,
                                          **same), **attrs["q3"])  # fmt: skip
-    q4 = ops.quantize(pointwise(q3, "project"), **attrs["q4"])
-    q5 = ops.quantize(q4 + q1, **attrs["q5"])
-    assert np.array_equal(program.predict(images), ops.flatten(q5))
+    q4 = quantize(pointwise(q3, "project"), **attrs["q4"])
+    q5 = quantize(q4 + q1, **attrs["q5"])
+    assert np.array_equal(program.predict(images), kernels.flatten(q5))
 
 
 def test_quantized_graph_output_is_decoded_and_the_input_left_alone():

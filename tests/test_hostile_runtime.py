@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mbz.format import Limits, MbzFormatError
-from mbz.runtime import Program, ops
+from mbz.runtime import Program, kernels
 from mbz.runtime.graph import analyze
 
 PREPROCESS = {"layout": "NHWC", "dtype": "uint8", "mean": [0.5, 0.5], "std": [0.25, 0.25]}
@@ -139,19 +139,19 @@ def test_im2col_in_blocks_matches_one_block(budget, monkeypatch):
     """Blocks of whole images, of rows of one image, and of single rows give the same result."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, 9, 7, 4)).astype(np.float32)
-    weight = ops.prepare_grouped(rng.standard_normal((6, 2, 3, 3)).astype(np.float32), 2)
+    weight = kernels.prepare_grouped(rng.standard_normal((6, 2, 3, 3)).astype(np.float32), 2)
     bias = rng.standard_normal(6).astype(np.float32)
     args = (x, weight, bias, (3, 3), (2, 1), (1, 1), (1, 2))
-    expected = ops.conv_grouped(*args)
-    monkeypatch.setattr(ops, "SCRATCH_BYTES", budget)
-    np.testing.assert_array_equal(ops.conv_grouped(*args), expected)
+    expected = kernels.conv_grouped(*args)
+    monkeypatch.setattr(kernels, "SCRATCH_BYTES", budget)
+    np.testing.assert_array_equal(kernels.conv_grouped(*args), expected)
 
 
 def test_row_blocks_cover_every_row_once():
     for images, rows, row_bytes, budget in [(5, 4, 10, 100), (2, 7, 10, 25), (3, 3, 50, 1)]:
         cells = [
             (i, r)
-            for image_slice, row_slice in ops.row_blocks(images, rows, row_bytes, budget)
+            for image_slice, row_slice in kernels.row_blocks(images, rows, row_bytes, budget)
             for i in range(images)[image_slice]
             for r in range(rows)[row_slice]
         ]
@@ -159,7 +159,7 @@ def test_row_blocks_cover_every_row_once():
         assert len(cells) == len(set(cells))
 
 
-@pytest.mark.parametrize("op", [ops.avgpool2d, ops.maxpool2d])
+@pytest.mark.parametrize("op", [kernels.avgpool2d, kernels.maxpool2d])
 def test_pooling_with_a_huge_kernel_is_vectorised(op):
     """A 1001 x 1001 window (a million taps) in well under a second: no loop over taps."""
     x = np.random.default_rng(2).standard_normal((1, 1001, 1003, 2)).astype(np.float32)
@@ -169,7 +169,7 @@ def test_pooling_with_a_huge_kernel_is_vectorised(op):
     assert out.shape == (1, 1, 3, 2)
     for j in range(3):
         window = x[0, :, j : j + 1001].astype(np.float64)
-        reference = window.mean(axis=(0, 1)) if op is ops.avgpool2d else window.max(axis=(0, 1))
+        reference = window.mean(axis=(0, 1)) if op is kernels.avgpool2d else window.max(axis=(0, 1))
         np.testing.assert_allclose(out[0, 0, j], reference, rtol=1e-4, atol=1e-6)
 
 

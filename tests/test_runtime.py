@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mbz.format import DenseTensor, MbzFormatError, write_mbz
 from mbz.runtime import Program, blas_threads, load_program, validate_graph
-from mbz.runtime.ops import quantize
+from mbz.runtime.codes import quantize
 from mbz.runtime.threads import blas_controls
 from tests.helpers import assert_runs_without_torch, sqnr_db
 
