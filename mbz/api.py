@@ -133,8 +133,7 @@ def prepare_pack(
         return job
     job.dataset = _checked(load_split(data, "test", data_root=data_root), limit, shape)
     if config.act_bits or config.budgeted or config.bias_correction:
-        calibration = load_calibration(data, data_root, config.calib_images)
-        job.calibration = _checked(calibration, None, shape)
+        job.calibration = _calibration(data, data_root, config, shape)
     if config.finetuning:
         teacher = loaded.module if config.distill_weight else None  # labels unlabelled images
         train = load_training(data, data_root, teacher, config)
@@ -218,6 +217,20 @@ def chance_warning(result: PackResult) -> str | None:
         f"({100 * measured['chance']:.0f}%): is it trained, is --arch its network (strides), "
         "and are --mean/--std its input normalisation?"
     )
+
+
+def _calibration(
+    data: str, data_root: str | None, config: PackConfig, shape: list[int]
+) -> Dataset | None:
+    """The calibration images of ``data``'s train split; None when only the bias correction
+    would read them and ``data`` has no train split (the correction is then skipped)."""
+    try:
+        calibration = load_calibration(data, data_root, config.calib_images)
+    except MbzError:
+        if config.act_bits or config.budgeted:
+            raise
+        return None
+    return _checked(calibration, None, shape)
 
 
 def _check_data_needs(config: PackConfig, data: str | None, limit_train: int | None) -> None:

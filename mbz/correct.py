@@ -64,6 +64,55 @@ def _correct_node(
     tensors[bias_name] = DenseTensor(values=corrected.astype(np.float32))
 
 
+def _restore_batchnorm(
+    node: dict, params: dict[str, np.ndarray], x: torch.Tensor, target: torch.Tensor
+) -> None:
+    """Set a (pruned network's) batchnorm's scale and shift so that its output on ``x`` has,
+    per channel, the mean and spread of ``target`` (the unpruned network's output there)."""
+    scale_name, shift_name = node["params"]["scale"], node["params"]["shift"]
+    mean_x, std_x = (s.cpu().numpy() for s in _channel_stats(x))
+    mean_t, std_t = (s.cpu().numpy() for s in _channel_stats(target))
+    old = params[scale_name].astype(np.float64)
+    usable = std_x > MIN_STD
+    scale = np.where(usable, np.sign(old) * std_t / np.where(usable, std_x, 1.0), old)
+    shift = np.where(usable, mean_t - scale * mean_x, params[shift_name])
+    params[scale_name], params[shift_name] = scale.astype(np.float32), shift.astype(np.float32)
+
+
+@torch.no_grad()
+def restore_statistics(
+    reference: tuple[dict, dict[str, np.ndarray]],
+    pruned: tuple[dict, dict[str, np.ndarray]],
+    kept: dict[str, np.ndarray],
+    preprocess: dict,
+    images: np.ndarray,
+) -> None:
+    """After channel pruning (before BatchNorm folding): re-estimate every batchnorm of the
+    ``pruned`` graph in place so that each kept channel's output has the mean and spread it has
+    in the unpruned ``reference`` graph (same nodes) on the uint8 ``images``. ``kept`` maps a
+    batchnorm's name to the reference channels it kept (all when absent)."""
+    (graph, ref_params), (pruned_graph, params) = reference, pruned
+    x = preprocess_images(images, preprocess, "cpu")
+    last = _last_uses(graph)
+    refs, outs = {graph["input"]: x}, {graph["input"]: x}
+    for index, (old, node) in enumerate(zip(graph["nodes"], pruned_graph["nodes"], strict=True)):
+        op = OPS[node["op"]]
+        y_ref = op([refs[v] for v in old["inputs"]], _params(old, ref_params), old["attrs"])
+        inputs = [outs[v] for v in node["inputs"]]
+        if node["op"] == "batchnorm":
+            keep = kept.get(node["name"])
+            target = y_ref if keep is None else y_ref[:, torch.from_numpy(keep)]
+            _restore_batchnorm(node, params, inputs[0], target)
+        refs[node["output"]] = y_ref
+        outs[node["output"]] = op(inputs, _params(node, params), node["attrs"])
+        _drop(_dead(node["inputs"], last, index), refs, outs)
+
+
+def _params(node: dict, params: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    cpu = torch.device("cpu")
+    return {role: _tensor(params[name], cpu) for role, name in node["params"].items()}
+
+
 def _tensor(values: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(device)
 

@@ -15,7 +15,7 @@ from mbz.calibrate import calibrate
 from mbz.capture import capture
 from mbz.checkpoint import LoadedModel
 from mbz.config import LayerInfo, PackConfig, bits_for
-from mbz.correct import correct_quantization
+from mbz.correct import correct_quantization, restore_statistics
 from mbz.data import Dataset
 from mbz.encodings import METHODS
 from mbz.errors import MbzError
@@ -128,13 +128,17 @@ def compress(
     tensors, per-layer facts). With ``tuning``, pruning is fine-tuned (``mbz.finetune``).
     With a byte budget, the bits per layer are chosen on ``calibration`` (``mbz.budget``)."""
     slimmed = tuning is not None and config.prune_mode == "channel" and config.prune > 0
-    captured = capture(slim(loaded.module, tuning) if slimmed else loaded.module)
+    captured = capture(slim(loaded.module, tuning) if tuning and slimmed else loaded.module)
     graph, params, gamma = captured.graph, captured.params, captured.bn_gamma
     before = _shapes(graph, params)
     if slimmed:
         prune_zeroed_channels(graph, params, gamma)
-    elif config.prune_mode == "channel":
-        prune_channels(graph, params, gamma, config.prune)
+    elif config.prune_mode == "channel" and config.prune > 0:
+        reference = (copy.deepcopy(graph), dict(params))
+        kept = prune_channels(graph, params, gamma, config.prune)
+        if config.bias_correction and calibration is not None:
+            preprocess = {"mean": list(config.mean), "std": list(config.std)}
+            restore_statistics(reference, (graph, params), kept, preprocess, calibration.images)
     fold_batchnorm(graph, params)
     masks = {}
     if config.prune_mode == "weight" and config.prune > 0 and tuning is not None:

@@ -108,6 +108,38 @@ def _space_scores(spaces: ChannelSpaces, bn_gamma: dict[str, np.ndarray]) -> dic
     return scores
 
 
+def _reader_norms(spaces: ChannelSpaces, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per prunable space, the L2 norm of the weights that read each channel (the next layers'
+    input columns), summed over the readers."""
+    norms: dict[str, np.ndarray] = {}
+    roots = spaces.prunable_roots()
+    for node, role, space in spaces.members:
+        root = spaces.find(space)
+        if role != "in" or root not in roots:
+            continue
+        weight = params[node["params"]["weight"]].astype(np.float64)
+        axes = tuple(a for a in range(weight.ndim) if a != 1)
+        column = np.sqrt((weight**2).sum(axis=axes))
+        norms[root] = norms[root] + column if root in norms else column
+    return norms
+
+
+def _channel_scores(
+    spaces: ChannelSpaces, params: dict[str, np.ndarray], bn_gamma: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Each channel's importance for post-training pruning: |gamma| times the norm of the
+    weights that read it (what the next layers lose with it), relative to its space's mean, so
+    that layers whose gammas run small are not emptied first."""
+    scores = _space_scores(spaces, bn_gamma)
+    norms = _reader_norms(spaces, params)
+    relative = {}
+    for root, score in scores.items():
+        effect = score * norms.get(root, np.ones_like(score))
+        mean = effect.mean()
+        relative[root] = effect / mean if mean > 0 else effect
+    return relative
+
+
 def _kept_weight_count(spaces: ChannelSpaces, graph: dict, params: dict, kept: dict) -> int:
     """Conv and linear weights that remain when each space keeps ``kept[root]`` channels."""
     total = 0
@@ -129,10 +161,11 @@ def _kept_weight_count(spaces: ChannelSpaces, graph: dict, params: dict, kept: d
 def plan_channels(
     graph: dict, params: dict[str, np.ndarray], bn_gamma: dict[str, np.ndarray], fraction: float
 ) -> ChannelPlan:
-    """Choose channels to remove, lowest BN |gamma| first across the network, until at least
-    ``fraction`` of all conv and linear weights are gone (each space keeps 10% at least)."""
+    """Choose channels to remove, least important first across the network (``_channel_scores``),
+    until at least ``fraction`` of all conv and linear weights are gone (each space keeps 10% at
+    least)."""
     spaces = analyse(graph, params)
-    scores = _space_scores(spaces, bn_gamma)
+    scores = _channel_scores(spaces, params, bn_gamma)
     roots = sorted(scores)
     full = {root: scores[root].size for root in roots}
     candidates = []  # (score, root index, channel) for channels that may go
@@ -184,10 +217,19 @@ def apply_channels(
 
 def prune_channels(
     graph: dict, params: dict[str, np.ndarray], bn_gamma: dict[str, np.ndarray], fraction: float
-) -> None:
-    """Network slimming in place: rank channels by BN |gamma| and remove ``fraction`` of weights."""
-    if fraction > 0:
-        apply_channels(plan_channels(graph, params, bn_gamma, fraction), params, bn_gamma)
+) -> dict[str, np.ndarray]:
+    """Channel pruning in place: rank channels (``_channel_scores``) and remove ``fraction`` of
+    the weights. Returns, per batchnorm whose channels were cut, the indices it kept."""
+    if fraction <= 0:
+        return {}
+    plan = plan_channels(graph, params, bn_gamma, fraction)
+    apply_channels(plan, params, bn_gamma)
+    kept = {}
+    for node, role, space in plan.spaces.members:
+        keep = plan.keep.get(plan.spaces.find(space))
+        if role == "bn" and keep is not None:
+            kept[node["name"]] = keep
+    return kept
 
 
 def batchnorm_keep_masks(

@@ -11,10 +11,11 @@ import torch
 
 from mbz.capture import capture
 from mbz.config import PackConfig
-from mbz.correct import correct_quantization
+from mbz.correct import correct_quantization, restore_statistics
 from mbz.fold import fold_batchnorm
 from mbz.format import ScaledCodebookTensor
 from mbz.pack import quantize_graph
+from mbz.prune import prune_channels
 from mbz.torch_graph import GraphModule, preprocess_images
 from tests.helpers import narrow_mobilenet, recalibrate_batchnorm, sqnr_db
 
@@ -91,3 +92,31 @@ def test_only_scales_and_biases_change(folded, images):
             np.testing.assert_array_equal(tensor.codebook, original[name].codebook)
             factor = tensor.scale.astype(np.float64) / original[name].scale
             assert np.all((factor > 0.49) & (factor < 2.01))
+
+
+def test_after_channel_pruning_each_batchnorm_gets_the_unpruned_statistics_back(images):
+    model = recalibrate_batchnorm(narrow_mobilenet(seed=4), images[:64])
+    captured = capture(model)
+    graph, params = copy.deepcopy(captured.graph), dict(captured.params)
+    reference = (copy.deepcopy(graph), dict(params))
+    kept = prune_channels(graph, params, dict(captured.bn_gamma), 0.4)
+    assert kept, "nothing was pruned"
+    restore_statistics(reference, (graph, params), kept, PREPROCESS, images[:64])
+    for node in (n for n in graph["nodes"] if n["op"] == "batchnorm"):
+        want = outputs_of(reference, node["name"], images[:64])
+        if node["name"] in kept:
+            want = want[:, kept[node["name"]]]
+        got = outputs_of((graph, params), node["name"], images[:64])
+        for stat in (np.mean, np.std):
+            np.testing.assert_allclose(
+                stat(got, axis=(0, 2, 3)), stat(want, axis=(0, 2, 3)), rtol=1e-3, atol=1e-4
+            )
+
+
+def outputs_of(network: tuple[dict, dict], name: str, images: np.ndarray) -> np.ndarray:
+    """The output of node ``name`` of ``network`` (graph, params) on ``images``."""
+    graph, params = network
+    nodes = graph["nodes"]
+    end = next(i for i, n in enumerate(nodes) if n["name"] == name)
+    prefix = {**graph, "nodes": nodes[: end + 1], "output": nodes[end]["output"]}
+    return logits(prefix, params, images)

@@ -55,7 +55,9 @@ _PACK_FLAGS: dict[str, Flag] = {
         "With --data: after the weights are quantized, restore each output channel's mean "
         "(through its bias) and spread (through its scale, for scaled codebooks and per-channel "
         "uniform codes) to the float model's, layer by layer on --calib-images train images "
-        "(Nagel et al. 2019). Stored in the file: every runtime computes the corrected model."
+        "(Nagel et al. 2019); after channel pruning, each BatchNorm is re-estimated against the "
+        "unpruned model first. Stored in the file: every runtime computes the corrected model. "
+        "Skipped when --data has no train split."
     ),
     "codebook": Flag(
         "--method kmeans only: which codebook to fit per layer: scaled (SPEC 3.6), plain "
