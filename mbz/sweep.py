@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def parse_settings(items: Iterable[str]) -> dict:
     return settings
 
 
-def _rules(key: str, value: object) -> dict[str, int]:
+def _rules(key: str, value: Any) -> dict[str, int]:
     """A ``bits``/``act_bits`` value: a number for every group (32 activation bits: float), or
     rules as ``mbz pack`` reads them (weight rules overlay the default bits)."""
     if key == "act_bits":
@@ -133,7 +134,7 @@ def _rules(key: str, value: object) -> dict[str, int]:
     return {"conv": value, "fc": value} if type(value) is int else weight_bits(value)
 
 
-def _field_value(key: str, value: object, default: object) -> object:
+def _field_value(key: str, value: Any, default: object) -> Any:
     """``value`` as the type of the PackConfig field ``key`` (whose default is ``default``)."""
     if key in ("bits", "act_bits"):
         return _rules(key, value)
@@ -251,6 +252,12 @@ def open_data(settings: SweepSettings, jobs: list[Job], model: LoadedModel) -> S
     return SweepData(limited, test.images[: settings.peak_images], train, baselines)
 
 
+def _train(data: SweepData) -> Dataset:
+    if data.train is None:  # open_data loads it whenever a job calibrates or fine-tunes
+        raise RuntimeError("the sweep loaded no train split")
+    return data.train
+
+
 def _calibrates(config: PackConfig) -> bool:
     """Whether packing ``config`` reads calibration images (as ``mbz pack --data`` does)."""
     return bool(config.act_bits or config.budgeted or config.bias_correction)
@@ -273,8 +280,8 @@ def run_point(
 ) -> dict:
     """Pack ``job``'s config into ``output``, evaluate it; returns its record."""
     config = job.config
-    calibration = data.train.head(config.calib_images) if _calibrates(config) else None
-    tuning = Tuning.of(data.train, config) if config.finetuning else None
+    calibration = _train(data).head(config.calib_images) if _calibrates(config) else None
+    tuning = Tuning.of(_train(data), config) if config.finetuning else None
     baseline = data.float_accuracy[(config.mean, config.std)]
     packed = pack(model, config, output, data.test, None, calibration, tuning, baseline)
     started = time.perf_counter()
