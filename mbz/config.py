@@ -221,7 +221,7 @@ class PackConfig:
     prune_mode: str = "channel"
     symmetric: bool = False
     per_channel: bool = True
-    huffman: bool = False
+    huffman: bool = True  # per index stream, Huffman when that is smaller (never larger)
     default_bits: int = 8
     mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)

@@ -136,3 +136,17 @@ def test_a_drop_above_two_points_gets_advice(packed, advice):
     assert (text is not None) == advice
     if advice:
         assert "--finetune-epochs" in text and "--target-ratio" in text
+
+
+def test_huffman_by_default_never_makes_a_tensor_larger(model_path, workdir):
+    sizes = {}
+    for flag in ("--huffman", "--no-huffman"):
+        out = workdir / f"h{flag}.mbz"
+        invoke("pack", model_path, "--bits", "conv=3,fc=3", flag, "-o", out)
+        sections = read_mbz(out).layout.sections
+        sizes[flag] = {s.name: s.length for s in sections if s.name != "metadata"}
+    assert all(sizes["--huffman"][name] <= size for name, size in sizes["--no-huffman"].items())
+    assert sum(sizes["--huffman"].values()) < sum(sizes["--no-huffman"].values())
+    default = invoke("pack", model_path, "--bits", "conv=3,fc=3", "-o", workdir / "d.mbz")
+    assert default.exit_code == 0
+    assert (workdir / "d.mbz").read_bytes() == (workdir / "h--huffman.mbz").read_bytes()

@@ -106,7 +106,7 @@ def test_a_float_model_at_chance_is_reported(workdir, checkpoint, images):
     own = npz(workdir / "own.npz", images, logits_of(model, images).argmax(1))
     fine = invoke("pack", checkpoint, "--data", own, "-o", workdir / "f.mbz")
     assert "chance" not in fine.output
-    assert "accuracy before compression: 100.00% on 16 images" in fine.output
+    assert "(float 100.00%, +0.00 pt) on 16 images" in fine.output
 
 
 # 2. --bits and --act-bits accept only what they can use.

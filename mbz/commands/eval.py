@@ -10,7 +10,6 @@ import click
 from mbz.commands.dataset import open_test_split
 from mbz.commands.limits import limits_option
 from mbz.commands.params import data_options, progress_bar
-from mbz.format import read_mbz
 from mbz.verify import RUNTIMES, open_checked, verify
 
 
@@ -44,7 +43,7 @@ def eval_command(file, data_source, data_root, limit, runtime, tolerance, as_jso
     validated before any image is read). Only --runtime torch (or all) imports PyTorch.
     """
     mbz = open_checked(file, limits)
-    input_shape = read_mbz(file).metadata["graph"]["input_shape"]
+    input_shape = mbz.metadata["graph"]["input_shape"]
     dataset = open_test_split(data_source, data_root, limit, input_shape, str(file))
     runtimes = RUNTIMES if runtime == "all" else (runtime,)
     total = len(dataset.labels) * len(runtimes)

@@ -83,7 +83,10 @@ _PACK_FLAGS: dict[str, Flag] = {
         "Uniform only: one scale and zero point per output channel, or one per layer.",
         off="--per-tensor",
     ),
-    "huffman": Flag("Huffman-code each layer's index stream where that is smaller."),
+    "huffman": Flag(
+        "Huffman-code each layer's index stream where that makes it smaller (decided per "
+        "tensor, so the file is never larger); --no-huffman keeps every stream fixed-width."
+    ),
     "target_ratio": Flag(
         "Choose the bits of each layer (2, 3, 4, 5, 6 or 8) so that the file is at least R times "
         "smaller than the FP32 model, in real file bytes, losing the least: each layer's "
