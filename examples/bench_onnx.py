@@ -110,7 +110,7 @@ def measure(name: str, predict: Predict, data: Dataset, repeats: int) -> tuple:
         seconds.append(time.perf_counter() - start)
     predictions = logits.argmax(axis=1)
     accuracy = float((predictions == data.labels).mean())
-    return EvalResult(name, predictions, accuracy, len(data) / min(seconds)), logits
+    return EvalResult(name, logits, accuracy, len(data) / min(seconds)), logits
 
 
 def centered_sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:

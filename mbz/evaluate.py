@@ -23,15 +23,20 @@ Progress = Callable[[int], None] | None
 
 @dataclass
 class EvalResult:
-    """Predictions of one runtime on one dataset."""
+    """Logits of one runtime on one dataset, and their top-1 accuracy."""
 
     runtime: str
-    predictions: np.ndarray
+    logits: np.ndarray
     accuracy: float
     images_per_s: float
 
+    @property
+    def predictions(self) -> np.ndarray:
+        """The predicted class of each image."""
+        return self.logits.argmax(axis=1)
+
     def to_dict(self) -> dict:
-        """JSON-ready summary (predictions left out)."""
+        """JSON-ready summary (logits left out)."""
         return {
             "runtime": self.runtime,
             "accuracy": self.accuracy,
@@ -55,9 +60,9 @@ def pick_device() -> torch.device:
 
 
 def _result(runtime: str, logits_chunks: list, labels: np.ndarray, seconds: float) -> EvalResult:
-    predictions = np.concatenate(logits_chunks).argmax(axis=1)
-    accuracy = float((predictions == labels).mean()) if labels.size else 0.0
-    return EvalResult(runtime, predictions, accuracy, labels.size / max(seconds, 1e-9))
+    logits = np.concatenate(logits_chunks)
+    accuracy = float((logits.argmax(axis=1) == labels).mean()) if labels.size else 0.0
+    return EvalResult(runtime, logits, accuracy, labels.size / max(seconds, 1e-9))
 
 
 def evaluate_torch(
@@ -92,3 +97,14 @@ def evaluate_numpy(program, dataset: Dataset, progress: Progress = None) -> Eval
 def agreement(a: EvalResult, b: EvalResult) -> float:
     """Share of images on which two runtimes predict the same class."""
     return float((a.predictions == b.predictions).mean()) if a.predictions.size else 1.0
+
+
+def max_logit_difference(a: EvalResult, b: EvalResult) -> float:
+    """Largest absolute difference between two runtimes' logits, computed in float64 (0 when
+    they are bit-identical; equal infinities and NaN against NaN count as equal, any other
+    non-finite mismatch as infinite)."""
+    x, y = a.logits.astype(np.float64), b.logits.astype(np.float64)
+    same = (x == y) | (np.isnan(x) & np.isnan(y))
+    with np.errstate(invalid="ignore"):  # inf - inf where ``same`` already holds
+        difference = np.where(same, 0.0, np.abs(x - y))
+    return float(np.nan_to_num(difference, nan=np.inf).max(initial=0.0))

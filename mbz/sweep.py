@@ -303,6 +303,7 @@ def run_point(
         "images": int(first.predictions.size),
         "data": settings.data,
         "agreement": report.agreements,
+        "max_logit_difference": report.to_dict()["max_logit_difference"],
         "eval_ok": not report.failures,
         "eval_failures": report.failures,
         "pack_seconds": packed.seconds,

@@ -6,6 +6,7 @@ imported only when the torch runtime is asked for."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
@@ -18,6 +19,7 @@ from mbz.evaluate import (
     data_fingerprint,
     evaluate_numpy,
     evaluate_torch,
+    max_logit_difference,
 )
 from mbz.format import DEFAULT_LIMITS, Limits, MbzFile, read_mbz
 from mbz.onnx.export import export_onnx
@@ -32,10 +34,12 @@ AGREEMENT_QUANT = 0.995  # ... and with quantized activations (float summation o
 
 @dataclass
 class Report:
-    """Results of every runtime, their agreement, and what failed."""
+    """Results of every runtime, the top-1 agreement and the largest absolute logit difference
+    of each pair, and what failed."""
 
     results: list[EvalResult]
     agreements: dict[str, float] = field(default_factory=dict)
+    logit_differences: dict[str, float] = field(default_factory=dict)
     stored: dict | None = None
     failures: list[str] = field(default_factory=list)
 
@@ -44,6 +48,10 @@ class Report:
         return {
             "results": [r.to_dict() for r in self.results],
             "agreement": self.agreements,
+            "max_logit_difference": {
+                pair: value if math.isfinite(value) else None
+                for pair, value in self.logit_differences.items()
+            },
             "stored_accuracy": self.stored,
             "ok": not self.failures,
             "failures": self.failures,
@@ -56,7 +64,11 @@ class Report:
             f"{r.images_per_s:8.1f} images/s  ({r.predictions.size} images)"
             for r in self.results
         ]
-        lines += [f"agreement {pair}: {100 * v:.2f}%" for pair, v in self.agreements.items()]
+        lines += [
+            f"agreement {pair}: {100 * v:.2f}%, "
+            f"largest logit difference {self.logit_differences[pair]:.3g}"
+            for pair, v in self.agreements.items()
+        ]
         if self.stored:
             lines.append(
                 f"stored at pack time: {100 * self.stored['top1']:.2f}% "
@@ -93,6 +105,7 @@ def _check(report: Report, tolerance: float, quantized: bool, fingerprint: str) 
     for first, other in combinations(report.results, 2):
         pair = f"{first.runtime}/{other.runtime}"
         report.agreements[pair] = agreement(first, other)
+        report.logit_differences[pair] = max_logit_difference(first, other)
         if report.agreements[pair] < bar:
             report.failures.append(
                 f"{pair} agree on {100 * report.agreements[pair]:.2f}% "

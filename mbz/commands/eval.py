@@ -23,7 +23,8 @@ from mbz.verify import RUNTIMES, open_checked, verify
     show_default=True,
     help="numpy: mbz's torch-free runtime; torch: the fake-quant PyTorch model; onnx: the file "
     "exported in memory (as `mbz export-onnx` does) and run by onnxruntime on CPU, 1 thread; "
-    "all: every runtime, and the per-image agreement of each pair.",
+    "all: every runtime, and for each pair the per-image top-1 agreement and the largest "
+    "absolute logit difference.",
 )
 @click.option(
     "--tolerance",
