@@ -1,5 +1,6 @@
 """Post-training correction of what quantizing the weights shifted (Nagel et al. 2019).
 
+The networks run in float64 here (the file's values are float32 and float16).
 Quantization error is not zero-mean per output channel: a channel's outputs drift in mean and,
 with coarse codes, shrink or grow in spread, and the drift compounds through the network.
 Layer by layer in execution order, on calibration images, the float network and the quantized
@@ -92,7 +93,7 @@ def restore_statistics(
     in the unpruned ``reference`` graph (same nodes) on the uint8 ``images``. ``kept`` maps a
     batchnorm's name to the reference channels it kept (all when absent)."""
     (graph, ref_params), (pruned_graph, params) = reference, pruned
-    x = preprocess_images(images, preprocess, "cpu")
+    x = preprocess_images(images, preprocess, "cpu").double()
     last = _last_uses(graph)
     refs, outs = {graph["input"]: x}, {graph["input"]: x}
     for index, (old, node) in enumerate(zip(graph["nodes"], pruned_graph["nodes"], strict=True)):
@@ -114,7 +115,9 @@ def _params(node: dict, params: dict[str, np.ndarray]) -> dict[str, torch.Tensor
 
 
 def _tensor(values: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(device)
+    """float64, so that the statistics, and the bytes written, do not depend on how many
+    threads (and so which summation order) the convolutions use."""
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(device)
 
 
 @torch.no_grad()
@@ -131,7 +134,7 @@ def correct_quantization(
     weights before quantization), using the uint8 calibration ``images``; ``progress`` is told
     the number of images once done."""
     device = device or torch.device("cpu")
-    x = preprocess_images(images, preprocess, device)
+    x = preprocess_images(images, preprocess, device).double()
     corrected = {node["name"] for node in weight_nodes(graph)}
     last = _last_uses(graph)
     floats = {graph["input"]: x}
