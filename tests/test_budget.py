@@ -52,6 +52,7 @@ def layer_bits(path) -> dict[str, int]:
     return {name: facts["bits"] for name, facts in read_mbz(path).metadata["layers"].items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [5.0, 9.5])
 def test_the_file_meets_the_ratio_in_real_bytes(tmp_path, model, data, ratio):
     out = tmp_path / "m.mbz"
@@ -63,6 +64,7 @@ def test_the_file_meets_the_ratio_in_real_bytes(tmp_path, model, data, ratio):
     assert bits <= set(CANDIDATE_BITS) and len(bits) > 1  # mixed precision, not one width
 
 
+@pytest.mark.slow
 def test_target_size_pins_and_inspect(tmp_path, model, data):
     out = tmp_path / "m.mbz"
     target = 160_000
@@ -75,6 +77,7 @@ def test_target_size_pins_and_inspect(tmp_path, model, data):
     assert layer_bits(out) == {name: row["bits"] for name, row in rows.items()}
 
 
+@pytest.mark.slow
 def test_an_impossible_budget_names_the_smallest_size_that_works(tmp_path, model, data):
     out = tmp_path / "m.mbz"
     refused = invoke("pack", model, "--data", data, "--calib-images", 32, "--target-ratio", 100,

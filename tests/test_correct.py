@@ -94,6 +94,7 @@ def test_only_scales_and_biases_change(folded, images):
             assert np.all((factor > 0.49) & (factor < 2.01))
 
 
+@pytest.mark.slow
 def test_after_channel_pruning_each_batchnorm_gets_the_unpruned_statistics_back(images):
     model = recalibrate_batchnorm(narrow_mobilenet(seed=4), images[:64])
     captured = capture(model)
