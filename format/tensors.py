@@ -52,12 +52,7 @@ class CodebookTensor:
 
     def validate(self) -> None:
         """Raise if this tensor cannot be written."""
-        _check_bits(self.bits)
-        _check_entropy(self.entropy)
-        _check_array("codebook", self.codebook, (np.float32,), ndim=1)
-        _check_array("indices", self.indices, (np.uint8,))
-        _check_mask(self.mask, self.shape)
-        _check_centroids(self.codebook, self.bits, _kept(self.indices, self.mask))
+        _check_indexed(self, np.float32)
 
     def decode(self) -> np.ndarray:
         """The float32 array (0.0 at pruned positions)."""
@@ -139,16 +134,11 @@ class ScaledCodebookTensor:
 
     def validate(self) -> None:
         """Raise if this tensor cannot be written."""
-        _check_bits(self.bits)
-        _check_entropy(self.entropy)
-        _check_array("codebook", self.codebook, (np.float16,), ndim=1)
-        _check_array("indices", self.indices, (np.uint8,))
-        _check_mask(self.mask, self.shape)
+        _check_indexed(self, np.float16)
         _check_axis(self.axis, self.indices.ndim)
         _check_array("scale", self.scale, (np.float16,), shape=(self.shape[self.axis],))
         if not (np.isfinite(self.scale) & (self.scale > 0)).all():
             raise ValueError("every scale must be finite and > 0")
-        _check_centroids(self.codebook, self.bits, _kept(self.indices, self.mask))
 
     def decode(self) -> np.ndarray:
         """The float32 array (0.0 at pruned positions): ``float32(scale) * float32(centroid)``."""
@@ -203,6 +193,16 @@ def _check_array(
 def _check_axis(axis: object, ndim: int) -> None:
     if not (isinstance(axis, int) and not isinstance(axis, bool) and 0 <= axis < ndim):
         raise ValueError(f"axis {axis!r} is not an int in [0, {ndim})")
+
+
+def _check_indexed(tensor: CodebookTensor | ScaledCodebookTensor, dtype: type) -> None:
+    """The checks every codebook tensor shares: bits, entropy, ``dtype`` centroids, indices."""
+    _check_bits(tensor.bits)
+    _check_entropy(tensor.entropy)
+    _check_array("codebook", tensor.codebook, (dtype,), ndim=1)
+    _check_array("indices", tensor.indices, (np.uint8,))
+    _check_mask(tensor.mask, tensor.shape)
+    _check_centroids(tensor.codebook, tensor.bits, _kept(tensor.indices, tensor.mask))
 
 
 def _check_centroids(codebook: np.ndarray, bits: int, indices: np.ndarray) -> None:
