@@ -6,6 +6,7 @@ validates it, the informative keys by type), so a hostile file raises MbzFormatE
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,29 @@ PART_CATEGORY = {
     "gaps": "mask",
 }
 CATEGORIES = ("payload", "codebook", "scales", "mask")
+_STREAM_KEYS = ("index_bytes", "entropy_bytes")
+# The parts of an index stream: the codes themselves and, when Huffman-coded, their code lengths.
+INDEX_PARTS = ("indices", "qdata", "code_lengths")
+
+
+def entropy_bytes(symbols: np.ndarray) -> int:
+    """The order-0 entropy bound of a symbol stream in whole bytes: ``ceil(n * H / 8)`` with
+    ``H = -sum p log2 p`` over the symbols' frequencies, the least any code that codes each
+    symbol on its own (Huffman included) can spend, tables aside."""
+    if not symbols.size:
+        return 0
+    counts = np.bincount(symbols.ravel()).astype(np.float64)
+    counts = counts[counts > 0]
+    bits = float(np.sum(counts * (np.log2(symbols.size) - np.log2(counts))))
+    return math.ceil(bits / 8)
+
+
+def _index_stream(tensor: Any) -> np.ndarray | None:
+    """The kept symbols of a tensor's index stream (indices or integer codes), None without one."""
+    symbols = getattr(tensor, "indices", getattr(tensor, "qdata", None))
+    if symbols is None:
+        return None
+    return symbols.ravel() if tensor.mask is None else symbols[tensor.mask]
 
 
 def _tensor_row(mbz: MbzFile, section: SectionInfo) -> dict:
@@ -49,6 +73,9 @@ def _tensor_row(mbz: MbzFile, section: SectionInfo) -> dict:
     row.update(dict.fromkeys(CATEGORIES, 0))
     for part, length in section.parts:
         row[PART_CATEGORY[part]] += length
+    symbols = _index_stream(mbz.tensors[section.name])
+    row["index_bytes"] = sum(length for part, length in section.parts if part in INDEX_PARTS)
+    row["entropy_bytes"] = 0 if symbols is None else entropy_bytes(symbols)
     return row
 
 
@@ -73,7 +100,7 @@ def _layer_row(mbz: MbzFile, node: dict, tensor_rows: dict[str, dict]) -> dict:
         "mask_encoding": weight["sparsity"],
         "tensors": names,
     }
-    for key in (*CATEGORIES, "bytes"):
+    for key in (*CATEGORIES, *_STREAM_KEYS, "bytes"):
         row[key] = sum(tensor_rows[name][key] for name in names)
     return row
 
@@ -97,7 +124,7 @@ def describe(path: str | Path, limits: Limits = DEFAULT_LIMITS, onnx: bool = Fal
         for name in by_name
         if name not in claimed
     ]
-    totals = {c: sum(r[c] for r in rows) for c in CATEGORIES}
+    totals = {c: sum(r[c] for r in rows) for c in (*CATEGORIES, *_STREAM_KEYS)}
     totals.update(
         metadata=layout.sections[0].length,
         header_and_table=layout.header_bytes + layout.table_bytes,
@@ -200,7 +227,7 @@ def format_report(facts: dict, wide: bool = False) -> str:
     summary = [
         "bytes: " + ", ".join(f"{c} {t[c]}" for c in CATEGORIES)
         + f", metadata {t['metadata']}, header+table {t['header_and_table']}, "
-        f"alignment padding {t['padding']}",
+        f"alignment padding {t['padding']}" + _streams(t),
         _summary(facts),
     ]
     if not wide:
@@ -217,7 +244,8 @@ _KIND_COLUMNS = (
 )
 _NARROW_COLUMNS = (("shape", "shape"), *_KIND_COLUMNS, ("bytes", "bytes"))
 _WIDE_COLUMNS = (
-    ("shapes", "shape before -> after"), *_KIND_COLUMNS, *((c, c) for c in CATEGORIES),
+    ("shapes", "shape before -> after"), *_KIND_COLUMNS,
+    ("index_bytes", "index B"), ("entropy_bytes", "H0 B"), *((c, c) for c in CATEGORIES),
     ("bytes", "total"),
 )
 
@@ -236,7 +264,7 @@ def _row_cells(r: dict) -> dict[str, str]:
         "mask_encoding": r["mask_encoding"],
         "bytes": str(r["bytes"]),
     }
-    return cells | {c: str(r[c]) for c in CATEGORIES}
+    return cells | {c: str(r[c]) for c in (*CATEGORIES, *_STREAM_KEYS)}
 
 
 def _line(cells: dict[str, str], widths: dict[str, int], name_width: int) -> str:
@@ -247,6 +275,15 @@ def _line(cells: dict[str, str], widths: dict[str, int], name_width: int) -> str
 
 def _dims(shape: list[int]) -> str:
     return "x".join(map(str, shape))
+
+
+def _streams(totals: dict) -> str:
+    """The index streams' stored bytes against their order-0 entropy ("" without streams)."""
+    stored, bound = totals["index_bytes"], totals["entropy_bytes"]
+    if not stored:
+        return ""
+    excess = f" ({100 * (stored / bound - 1):+.1f}%)" if bound else ""
+    return f"; index streams {stored} bytes, order-0 entropy {bound} bytes{excess}"
 
 
 def _summary(facts: dict) -> str:

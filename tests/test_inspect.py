@@ -1,12 +1,15 @@
 """``mbz inspect`` accounts for every byte of a file (golden files, no torch model needed)."""
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 from click.testing import CliRunner
 
 from mbz.cli import main
-from mbz.inspect import CATEGORIES, describe
+from mbz.format import CodebookTensor, DenseTensor, Entropy, UniformTensor, write_mbz
+from mbz.inspect import CATEGORIES, describe, format_report
 from tests.helpers import narrow_mobilenet, save_mbz_checkpoint
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -34,6 +37,7 @@ def test_cli_json_and_text(tmp_path):
     facts = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).output)
     assert facts["checksums"] == "ok"
     assert facts["tensors"][0]["entropy"] == "huffman"
+    assert facts["totals"]["index_bytes"] >= facts["totals"]["entropy_bytes"] > 0
     text = CliRunner().invoke(main, ["inspect", str(path)]).output
     assert "codebook+h" in text and f"file {path.stat().st_size} bytes" in text
 
@@ -68,3 +72,54 @@ def test_layer_rows_show_pruning_bits_and_every_byte(tmp_path):
     assert "ONNX" not in CliRunner().invoke(main, ["inspect", str(out)]).output
     first = facts["layers"][0]
     assert f"{first['kept_channels'][0]}/{first['kept_channels'][1]}" in text
+
+
+def _streams_file(path: Path) -> Path:
+    """Index streams with known symbol frequencies, 64 positions each (order-0 entropy by hand:
+    3/4 zeros + 1/4 ones is 48 log2(4/3) + 16 log2(4) = 51.92 bits -> 7 bytes; 32/16/8/8 is
+    1.75 bits a symbol -> 14 bytes; 16 ones + 16 twos kept of 64 is 1 bit a symbol -> 4 bytes)."""
+    skewed = np.repeat(np.uint8([0, 1]), [48, 16]).reshape(8, 8)
+    dyadic = np.repeat(np.uint8([0, 1, 2, 3]), [32, 16, 8, 8]).reshape(8, 8)
+    mask = np.arange(64).reshape(8, 8) % 2 == 0
+    halves = np.where(np.arange(64).reshape(8, 8) < 32, 1, 2).astype(np.uint8)
+    codebook = np.float32([-1, 0, 1, 2])
+    tensors = {
+        "fixed": CodebookTensor(codebook, skewed, bits=2, entropy=Entropy.FIXED),
+        "huffman": CodebookTensor(codebook, dyadic, bits=2, entropy=Entropy.HUFFMAN),
+        # The pruned positions (code 3) are not part of the stream.
+        "sparse": UniformTensor(
+            np.where(mask, halves, 3).astype(np.uint8), np.float32([0.5]), np.uint8([1]), bits=2,
+            mask=mask,
+        ),
+        "bias": DenseTensor(np.float32([1, 2, 3])),
+    }
+    write_mbz(path, {"v": 1}, tensors)
+    return path
+
+
+def test_index_streams_against_their_order_0_entropy(tmp_path):
+    facts = describe(_streams_file(tmp_path / "s.mbz"))
+    rows = {row["tensor"]: row for row in facts["tensors"]}
+    stored = {name: (row["index_bytes"], row["entropy_bytes"]) for name, row in rows.items()}
+    # Fixed width: 64 two-bit codes; Huffman: 4 code-length bytes + 32*1 + 16*2 + 16*3 bits.
+    assert stored == {"fixed": (16, 7), "huffman": (4 + 14, 14), "sparse": (8, 4), "bias": (0, 0)}
+    layers = {row["layer"]: row for row in facts["layers"]}
+    assert (layers["huffman"]["index_bytes"], layers["huffman"]["entropy_bytes"]) == (18, 14)
+    assert (facts["totals"]["index_bytes"], facts["totals"]["entropy_bytes"]) == (42, 25)
+    text = format_report(facts)
+    assert "index streams 42 bytes, order-0 entropy 25 bytes (+68.0%)" in text
+    header = format_report(facts, wide=True).splitlines()[0].split()
+    assert header[header.index("index"):][:4] == ["index", "B", "H0", "B"]
+
+
+def test_huffman_streams_stay_within_a_bit_a_symbol_of_the_entropy(tmp_path):
+    rng = np.random.default_rng(0)
+    probabilities = np.array([0.5, 0.2, 0.1, 0.08, 0.05, 0.04, 0.02, 0.01])
+    indices = rng.choice(8, size=(40, 50), p=probabilities).astype(np.uint8)
+    tensor = CodebookTensor(np.arange(8, dtype=np.float32), indices, 3, entropy=Entropy.HUFFMAN)
+    write_mbz(tmp_path / "h.mbz", {"v": 1}, {"w": tensor})
+    (row,) = describe(tmp_path / "h.mbz")["tensors"]
+    counts = np.bincount(indices.ravel())
+    bound = math.ceil(-np.sum(counts * np.log2(counts / counts.sum())) / 8)
+    codes = row["index_bytes"] - 2**3  # less the code-length table
+    assert row["entropy_bytes"] == bound <= codes <= bound + math.ceil(indices.size / 8)

@@ -36,8 +36,10 @@ def inspect_command(file: Path, as_json: bool, wide: bool, onnx: bool, limits: L
     stored (bitmap or csr). Byte columns: payload (values, indices or integer codes), codebook
     (centroids and Huffman code lengths), scales (scales and zero points), mask (bitmap or CSR
     positions of pruned tensors), then the file-level metadata, header and alignment padding,
-    which add up to the file size. With --onnx the summary also gives the size of the file as
-    ONNX.
+    which add up to the file size. Index streams (codes plus Huffman code lengths, "index B")
+    are set against their order-0 entropy ("H0 B": ceil(n * H / 8), H over the kept codes'
+    frequencies), per layer in --wide and --json, in total in the summary. With --onnx the
+    summary also gives the size of the file as ONNX.
 
     A file from elsewhere is untrusted: one that would cost more than the limits to read or run
     is refused (exit 1) unless --raise-limit raises them.
