@@ -98,20 +98,24 @@ def restore_statistics(
     refs, outs = {graph["input"]: x}, {graph["input"]: x}
     for index, (old, node) in enumerate(zip(graph["nodes"], pruned_graph["nodes"], strict=True)):
         op = OPS[node["op"]]
-        y_ref = op([refs[v] for v in old["inputs"]], _params(old, ref_params), old["attrs"])
+        reference_params = _params(old, ref_params.__getitem__, x.device)
+        y_ref = op([refs[v] for v in old["inputs"]], reference_params, old["attrs"])
         inputs = [outs[v] for v in node["inputs"]]
         if node["op"] == "batchnorm":
             keep = kept.get(node["name"])
             target = y_ref if keep is None else y_ref[:, torch.from_numpy(keep)]
             _restore_batchnorm(node, params, inputs[0], target)
         refs[node["output"]] = y_ref
-        outs[node["output"]] = op(inputs, _params(node, params), node["attrs"])
+        pruned_params = _params(node, params.__getitem__, x.device)
+        outs[node["output"]] = op(inputs, pruned_params, node["attrs"])
         _drop(_dead(node["inputs"], last, index), refs, outs)
 
 
-def _params(node: dict, params: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    cpu = torch.device("cpu")
-    return {role: _tensor(params[name], cpu) for role, name in node["params"].items()}
+def _params(
+    node: dict, value_of: Callable[[str], np.ndarray], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The tensors ``node`` reads, by role, each array given by ``value_of(tensor name)``."""
+    return {role: _tensor(value_of(name), device) for role, name in node["params"].items()}
 
 
 def _tensor(values: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -141,7 +145,7 @@ def correct_quantization(
     quants = {graph["input"]: x}
     for index, node in enumerate(graph["nodes"]):
         op = OPS[node["op"]]
-        p_float = {role: _tensor(params[name], device) for role, name in node["params"].items()}
+        p_float = _params(node, params.__getitem__, device)
         y_float = op([floats[v] for v in node["inputs"]], p_float, node["attrs"])
         y_quant = _run_quantized(node, op, quants, tensors, device)
         if node["name"] in corrected:
@@ -156,8 +160,7 @@ def correct_quantization(
 def _run_quantized(
     node: dict, op, values: dict[str, torch.Tensor], tensors: dict[str, Tensor], device
 ) -> torch.Tensor:
-    roles = node["params"].items()
-    params = {role: _tensor(tensors[name].decode(), device) for role, name in roles}
+    params = _params(node, lambda name: tensors[name].decode(), device)
     return op([values[v] for v in node["inputs"]], params, node["attrs"])
 
 
