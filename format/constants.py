@@ -7,7 +7,7 @@ from enum import IntEnum, StrEnum
 
 MAGIC = b"\x89MBZ\r\n\x1a\n"
 VERSION_MAJOR = 1
-VERSION_MINOR = 2  # 1.1 added section kind 3 (zlib metadata); 1.2 the scaled_codebook encoding
+VERSION_MINOR = 3  # 1.1 zlib metadata (section kind 3); 1.2 scaled_codebook; 1.3 int_codebook, lean side info
 
 HEADER_SIZE = 64
 SECTION_ENTRY_SIZE = 32
