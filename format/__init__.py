@@ -2,14 +2,21 @@
 
 Writer: ``write_mbz`` / ``encode_mbz``; reader: ``read_mbz`` / ``decode_mbz``; the tensor objects
 both sides use: ``DenseTensor``, ``CodebookTensor``, ``UniformTensor``,
-``ScaledCodebookTensor``. SPEC.md is normative.
+``ScaledCodebookTensor``, ``IntCodebookTensor``. SPEC.md is normative.
 """
 
 from .constants import Encoding, Entropy, Op, SectionKind, Sparsity
 from .container import Layout, MbzFile, SectionInfo, decode_mbz, encode_mbz, read_mbz, write_mbz
 from .errors import MbzFormatError
 from .limits import DEFAULT_LIMITS, Limits
-from .tensors import CodebookTensor, DenseTensor, ScaledCodebookTensor, Tensor, UniformTensor
+from .tensors import (
+    CodebookTensor,
+    DenseTensor,
+    IntCodebookTensor,
+    ScaledCodebookTensor,
+    Tensor,
+    UniformTensor,
+)
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -17,6 +24,7 @@ __all__ = [
     "DenseTensor",
     "Encoding",
     "Entropy",
+    "IntCodebookTensor",
     "Layout",
     "Limits",
     "MbzFile",

@@ -7,7 +7,8 @@ from enum import IntEnum, StrEnum
 
 MAGIC = b"\x89MBZ\r\n\x1a\n"
 VERSION_MAJOR = 1
-VERSION_MINOR = 3  # 1.1 zlib metadata (section kind 3); 1.2 scaled_codebook; 1.3 int_codebook, lean side info
+# 1.1 zlib metadata (section kind 3); 1.2 scaled_codebook; 1.3 int_codebook, lean side info
+VERSION_MINOR = 3
 
 HEADER_SIZE = 64
 SECTION_ENTRY_SIZE = 32
@@ -48,10 +49,14 @@ class Encoding(IntEnum):
     CODEBOOK = 3
     UNIFORM = 4
     SCALED_CODEBOOK = 5  # since 1.2: scale[c] * codebook[index], both float16
+    INT_CODEBOOK = 6  # since 1.3: float16 scale[c] * int8 codebook[index]
 
 
 # The first minor version that defines each encoding (as KIND_SINCE_MINOR for section kinds).
-ENCODING_SINCE_MINOR = {encoding: 0 for encoding in Encoding} | {Encoding.SCALED_CODEBOOK: 2}
+ENCODING_SINCE_MINOR = {encoding: 0 for encoding in Encoding} | {
+    Encoding.SCALED_CODEBOOK: 2,
+    Encoding.INT_CODEBOOK: 3,
+}
 
 
 class Sparsity(IntEnum):
@@ -138,6 +143,7 @@ ENCODING_KEYS: dict[Encoding, tuple[str, ...]] = {
     Encoding.CODEBOOK: ("bits", "entropy", "k"),
     Encoding.UNIFORM: ("axis", "bits", "entropy"),
     Encoding.SCALED_CODEBOOK: ("axis", "bits", "entropy", "k"),
+    Encoding.INT_CODEBOOK: ("axis", "bits", "entropy", "k"),
 }
 CSR_KEYS = ("csr_bits", "csr_entries")
 

@@ -29,6 +29,7 @@ from .constants import (
 )
 from .errors import MbzFormatError
 
+CHANNEL_CODEBOOKS = (Encoding.SCALED_CODEBOOK, Encoding.INT_CODEBOOK)  # axis: an integer
 _ENCODINGS = {v: k for k, v in ENCODING_NAMES.items()}
 _SPARSITIES = {v: k for k, v in SPARSITY_NAMES.items()}
 _ENTROPIES = {v: k for k, v in ENTROPY_NAMES.items()}
@@ -128,10 +129,10 @@ def _with_encoding_fields(desc: Descriptor, obj: dict, where: str) -> Descriptor
     bits = _int(obj, "bits", MIN_BITS, MAX_BITS, where)
     entropy = _enum(obj, "entropy", _ENTROPIES, where)
     k = None
-    if desc.encoding in (Encoding.CODEBOOK, Encoding.SCALED_CODEBOOK):
+    if "k" in ENCODING_KEYS[desc.encoding]:
         k = _int(obj, "k", 1, min(MAX_CODEBOOK, 2**bits), where)
     axis = obj.get("axis") if "axis" in ENCODING_KEYS[desc.encoding] else None
-    if axis is not None or desc.encoding == Encoding.SCALED_CODEBOOK:
+    if axis is not None or desc.encoding in CHANNEL_CODEBOOKS:
         axis = _int(obj, "axis", 0, len(desc.shape) - 1, where)
     return _replace(desc, bits=bits, entropy=entropy, k=k, axis=axis)
 

@@ -27,7 +27,15 @@ from .constants import (
 from .descriptor import Descriptor
 from .errors import MbzFormatError
 from .huffman import check_lengths, code_lengths, huffman_decode, huffman_encode
-from .tensors import CodebookTensor, DenseTensor, ScaledCodebookTensor, Tensor, UniformTensor
+from .tensors import (
+    ChannelCodebookTensor,
+    CodebookTensor,
+    DenseTensor,
+    IntCodebookTensor,
+    ScaledCodebookTensor,
+    Tensor,
+    UniformTensor,
+)
 
 Parts = list[tuple[str, bytes]]
 PartSizes = list[tuple[str, int | None]]  # None: a variable-length (Huffman) stream
@@ -137,19 +145,22 @@ class UniformCodec:
 
 
 @dataclass(frozen=True)
-class ScaledCodebookCodec:
-    """scaled_codebook: C float16 scales, k float16 centroids, then the index stream."""
+class ChannelCodebookCodec:
+    """scaled_codebook and int_codebook: C float16 scales, k centroids (``dtype``: float16 or
+    int8), then the index stream."""
 
-    encoding: Encoding = Encoding.SCALED_CODEBOOK
+    encoding: Encoding
+    dtype: str  # the centroids' little-endian numpy dtype
+    tensor_type: type[ChannelCodebookTensor]
 
-    def encode(self, tensor: ScaledCodebookTensor, keep: np.ndarray | None) -> tuple[dict, Parts]:
-        """Descriptor fields and parts of a scaled codebook tensor."""
+    def encode(self, tensor: ChannelCodebookTensor, keep: np.ndarray | None) -> tuple[dict, Parts]:
+        """Descriptor fields and parts of a per-channel scaled codebook tensor."""
         entropy, stream = encode_stream(
             _kept(tensor.indices, keep), tensor.bits, tensor.entropy, PART_INDICES
         )
         parts = [
             (PART_SCALE, tensor.scale.astype("<f2").tobytes()),
-            (PART_CODEBOOK, tensor.codebook.astype("<f2").tobytes()),
+            (PART_CODEBOOK, tensor.codebook.astype(self.dtype).tobytes()),
             *stream,
         ]
         fields = {"bits": tensor.bits, "k": tensor.codebook.size, "axis": tensor.axis}
@@ -159,22 +170,22 @@ class ScaledCodebookCodec:
         """The parts a descriptor implies, with their exact lengths."""
         return [
             (PART_SCALE, 2 * _channels(desc)),
-            (PART_CODEBOOK, 2 * desc.need("k")),
+            (PART_CODEBOOK, np.dtype(self.dtype).itemsize * desc.need("k")),
             *stream_sizes(desc, PART_INDICES),
         ]
 
     def decode(
         self, desc: Descriptor, parts: dict, keep: np.ndarray | None
-    ) -> ScaledCodebookTensor:
+    ) -> ChannelCodebookTensor:
         """Rebuild the tensor from its parts."""
         scale = np.frombuffer(parts[PART_SCALE], "<f2").astype(np.float16)
         if not (np.isfinite(scale) & (scale > 0)).all():
             raise MbzFormatError("a scale is not finite and > 0")
-        codebook = np.frombuffer(parts[PART_CODEBOOK], "<f2").astype(np.float16)
+        codebook = np.frombuffer(parts[PART_CODEBOOK], self.dtype).astype(self.dtype[1:])
         if not np.isfinite(codebook).all():
             raise MbzFormatError("codebook holds a NaN or infinity")
         indices = decode_stream(desc, parts, PART_INDICES, desc.need("k"))
-        return ScaledCodebookTensor(
+        return self.tensor_type(
             codebook=codebook,
             scale=scale,
             indices=_scatter(indices, desc, keep),
@@ -204,7 +215,10 @@ CODECS: dict[Encoding, Codec] = {
     Encoding.F16: DenseCodec(Encoding.F16, "<f2"),
     Encoding.CODEBOOK: CodebookCodec(),
     Encoding.UNIFORM: UniformCodec(),
-    Encoding.SCALED_CODEBOOK: ScaledCodebookCodec(),
+    Encoding.SCALED_CODEBOOK: ChannelCodebookCodec(
+        Encoding.SCALED_CODEBOOK, "<f2", ScaledCodebookTensor
+    ),
+    Encoding.INT_CODEBOOK: ChannelCodebookCodec(Encoding.INT_CODEBOOK, "|i1", IntCodebookTensor),
 }
 
 
@@ -214,6 +228,8 @@ def encoding_of(tensor: Tensor) -> Encoding:
         return Encoding.CODEBOOK
     if isinstance(tensor, ScaledCodebookTensor):
         return Encoding.SCALED_CODEBOOK
+    if isinstance(tensor, IntCodebookTensor):
+        return Encoding.INT_CODEBOOK
     if isinstance(tensor, UniformTensor):
         return Encoding.UNIFORM
     return Encoding.F16 if tensor.values.dtype == np.float16 else Encoding.F32

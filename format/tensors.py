@@ -7,6 +7,7 @@ the float32 array the file means, exactly 0.0 wherever the mask is False.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -113,11 +114,10 @@ class UniformTensor:
 
 
 @dataclass(eq=False)
-class ScaledCodebookTensor:
-    """One codebook for the layer, scaled per channel: ``decode() = scale[c] * codebook[indices]``
-    computed in float32 from the float16 ``scale`` and ``codebook``, ``c`` the index along
-    ``axis``. It keeps a shared codebook useful after BatchNorm folding has given every output
-    channel its own range."""
+class ChannelCodebookTensor:
+    """What the scaled and the integer codebook share: one codebook for the layer and one
+    float16 scale per channel, ``decode() = float32(scale[c]) * float32(codebook[indices])``,
+    ``c`` the index along ``axis``. Subclasses fix the centroids' dtype."""
 
     codebook: np.ndarray
     scale: np.ndarray
@@ -126,6 +126,7 @@ class ScaledCodebookTensor:
     axis: int = 0
     mask: np.ndarray | None = None
     entropy: Entropy | None = Entropy.FIXED
+    codebook_dtype: ClassVar[type] = np.float16
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -134,7 +135,7 @@ class ScaledCodebookTensor:
 
     def validate(self) -> None:
         """Raise if this tensor cannot be written."""
-        _check_indexed(self, np.float16)
+        _check_indexed(self, self.codebook_dtype)
         _check_axis(self.axis, self.indices.ndim)
         _check_array("scale", self.scale, (np.float16,), shape=(self.shape[self.axis],))
         if not (np.isfinite(self.scale) & (self.scale > 0)).all():
@@ -149,7 +150,24 @@ class ScaledCodebookTensor:
         return _apply_mask(values.astype(np.float32), self.mask)
 
 
-Tensor = DenseTensor | CodebookTensor | UniformTensor | ScaledCodebookTensor
+class ScaledCodebookTensor(ChannelCodebookTensor):
+    """One codebook for the layer, scaled per channel: ``decode() = scale[c] * codebook[indices]``
+    computed in float32 from the float16 ``scale`` and ``codebook`` (SPEC.md 3.6). It keeps a
+    shared codebook useful after BatchNorm folding has given every output channel its own
+    range."""
+
+    codebook_dtype = np.float16
+
+
+class IntCodebookTensor(ChannelCodebookTensor):
+    """A scaled codebook of int8 centroids (SPEC.md 3.7): ``decode() = float32(scale[c]) *
+    float32(codebook[indices])``, so each weight is an integer times its channel's float16
+    scale, which lets a runtime accumulate a layer over quantized activations exactly."""
+
+    codebook_dtype = np.int8
+
+
+Tensor = DenseTensor | CodebookTensor | UniformTensor | ScaledCodebookTensor | IntCodebookTensor
 
 
 def _apply_mask(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -195,7 +213,7 @@ def _check_axis(axis: object, ndim: int) -> None:
         raise ValueError(f"axis {axis!r} is not an int in [0, {ndim})")
 
 
-def _check_indexed(tensor: CodebookTensor | ScaledCodebookTensor, dtype: type) -> None:
+def _check_indexed(tensor: CodebookTensor | ChannelCodebookTensor, dtype: type) -> None:
     """The checks every codebook tensor shares: bits, entropy, ``dtype`` centroids, indices."""
     _check_bits(tensor.bits)
     _check_entropy(tensor.entropy)

@@ -8,6 +8,7 @@ from mbz.format import (
     CodebookTensor,
     DenseTensor,
     Entropy,
+    IntCodebookTensor,
     ScaledCodebookTensor,
     UniformTensor,
 )
@@ -22,8 +23,8 @@ def random_tensor(
     entropy: Entropy | None = Entropy.FIXED,
     per_channel: bool = False,
 ):
-    """A valid tensor of ``kind`` (an encoding's name; scaled_codebook needs a non-empty shape);
-    ``density`` None: not sparse."""
+    """A valid tensor of ``kind`` (an encoding's name; scaled_codebook and int_codebook need a
+    non-empty shape); ``density`` None: not sparse."""
     mask = None if density is None else rng.random(shape) < density
     if kind in ("f32", "f16"):
         values = rng.standard_normal(shape).astype(np.float32 if kind == "f32" else np.float16)
@@ -40,6 +41,12 @@ def random_tensor(
         scale = rng.uniform(1e-3, 4.0, shape[0]).astype(np.float16)
         indices = rng.integers(0, k, shape).astype(np.uint8)
         return ScaledCodebookTensor(codebook, scale, indices, bits, mask=mask, entropy=entropy)
+    if kind == "int_codebook":
+        k = int(rng.integers(1, levels + 1))
+        codebook = rng.choice(np.arange(-128, 128), k, replace=False).astype(np.int8)
+        scale = rng.uniform(1e-3, 4.0, shape[0]).astype(np.float16)
+        indices = rng.integers(0, k, shape).astype(np.uint8)
+        return IntCodebookTensor(codebook, scale, indices, bits, mask=mask, entropy=entropy)
     axis = 0 if per_channel and shape else None
     channels = shape[0] if axis == 0 else 1
     return UniformTensor(
@@ -98,6 +105,17 @@ def golden_cases() -> dict[str, tuple[dict, dict]]:
                 )
             },
             {"w": [[-2.0, 0.0, 1.0], [0.25, 0.125, 0.0]]},
+        ),
+        "int_codebook": (
+            {
+                "w": IntCodebookTensor(
+                    np.array([-128, 0, 3, 127], np.int8),
+                    np.array([0.5, 0.125], np.float16),
+                    idx,
+                    2,
+                )
+            },
+            {"w": [[-64.0, 0.0, 1.5], [15.875, 0.375, 0.0]]},
         ),
         "codebook_huffman_csr": (
             {

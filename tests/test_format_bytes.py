@@ -87,6 +87,30 @@ def test_scaled_codebook_example():
     assert struct.unpack_from("<HH", data, 8) == (1, 2)  # version 1.2: the encoding needs it
 
 
+def test_int_codebook_example():
+    # SPEC.md 3.7: scale f16 [0.5, 0.125], codebook int8 [-128, 0, 3, 127], indices 0 1 2 3 2 1.
+    tensors, _ = golden_cases()["int_codebook"]
+    data = encode_mbz(GOLDEN_METADATA, tensors, compress_metadata=False)
+    (info,) = [s for s in decode_mbz(data).layout.sections if s.name == "w"]
+    section = data[info.offset : info.offset + info.length]
+    assert section == bytes.fromhex("0038 0030 80 00 03 7f e406")
+    assert struct.unpack_from("<HH", data, 8) == (1, 3)  # version 1.3: the encoding needs it
+    _, _, offset, length, _, _ = struct.unpack_from("<IIQQII", data, 64)
+    descriptor = json.loads(data[offset : offset + length])["tensors"]["w"]
+    assert descriptor == {
+        "axis": 0,
+        "bits": 2,
+        "encoding": "int_codebook",
+        "entropy": "fixed",
+        "k": 4,
+        "nnz": 6,
+        "parts": [["scale", 4], ["codebook", 4], ["indices", 2]],
+        "section": 1,
+        "shape": [2, 3],
+        "sparsity": "none",
+    }
+
+
 @pytest.mark.parametrize("name", sorted(golden_cases()))
 def test_golden_file_bytes_and_values(name):
     tensors, expected = golden_cases()[name]

@@ -312,3 +312,44 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert path.read_bytes() == before
     assert read_mbz(path).metadata == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["model.mbz"]
+
+
+def int_codebook_with(codebook: bytes, k: int | None = None) -> bytes:
+    """The int_codebook golden file with its codebook part replaced by ``codebook`` (declared
+    at its own length) and ``k`` (default unchanged)."""
+    meta, bodies = sections(encode_mbz({}, golden_cases()["int_codebook"][0]))
+    desc = meta["tensors"]["w"]
+    assert [name for name, _ in desc["parts"]] == ["scale", "codebook", "indices"]
+    desc["parts"][1][1] = len(codebook)
+    desc["k"] = desc["k"] if k is None else k
+    return with_minor(rebuild(meta, [bodies[0][:4] + codebook + bodies[0][8:]]), 3)
+
+
+@pytest.mark.parametrize(
+    ("codebook", "k", "fragment"),
+    [
+        (b"\x80\x00\x03", None, "part 'codebook' is 3 bytes, expected 4"),  # truncated
+        (b"\x80\x00\x03\x7f\x01", None, "part 'codebook' is 5 bytes, expected 4"),  # oversized
+        (b"\x80\x00\x03\x7f\x01", 5, "'k' must be an integer in 1..4"),  # more than 2**bits
+        (b"\x80\x00\x03", 3, "a value is >= 3"),  # index 3 stored, 3 centroids
+        (bytes(8), None, "part 'codebook' is 8 bytes, expected 4"),  # written as float16
+    ],
+)
+def test_bad_int_codebook_rejected(codebook, k, fragment):
+    rejects(int_codebook_with(codebook, k), fragment)
+
+
+def test_int_codebook_needs_version_1_3():
+    data = encode_mbz({}, golden_cases()["int_codebook"][0], compress_metadata=False)
+    assert decode_mbz(data).version == (1, 3)
+    rejects(with_minor(data, 2), "'int_codebook' needs version 1.3")
+
+
+def test_int_codebook_writer_refuses_float_or_too_many_centroids():
+    (tensor,) = golden_cases()["int_codebook"][0].values()
+    tensor.codebook = tensor.codebook.astype(np.float16)
+    with pytest.raises(TypeError, match="codebook must have dtype int8"):
+        encode_mbz({}, {"w": tensor})
+    tensor.codebook = np.arange(5, dtype=np.int8)
+    with pytest.raises(ValueError, match="codebook has 5 entries"):
+        encode_mbz({}, {"w": tensor})
