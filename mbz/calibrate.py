@@ -16,7 +16,14 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from mbz.config import ACT_FLOAT, ActPoint, PackConfig, act_bits_for
+from mbz.config import (
+    ACT_FLOAT,
+    ACT_OPERAND_BITS,
+    ACT_OPERANDS,
+    ActPoint,
+    PackConfig,
+    act_bits_for,
+)
 from mbz.data import Dataset, load_split
 from mbz.errors import MbzError
 from mbz.evaluate import Progress, pick_device
@@ -56,9 +63,10 @@ class RangeStats:
 def activation_points(graph: dict) -> dict[str, ActPoint]:
     """Value name -> activation point, in execution order (the graph input first).
 
-    Points: the input, every relu/relu6 output, every residual add output, and every conv2d
+    Points: the input, every relu/relu6 output, every residual add output, every conv2d
     output that no activation reads but a conv2d/linear does (the projection that ends a block
-    without a residual connection). The graph output (the logits) is never a point.
+    without a residual connection), and every other value a conv2d/linear reads (``operand``:
+    the pooled features before the classifier). The graph output (the logits) is never a point.
     """
     readers = consumers(graph)
     points = {graph["input"]: ActPoint(graph["input"], "input")}
@@ -70,6 +78,8 @@ def activation_points(graph: dict) -> dict[str, ActPoint]:
             group = "add"
         elif node["op"] == "conv2d" and not read_by & _ACTIVATIONS and read_by & _WEIGHT_OPS:
             group = "proj"
+        elif read_by & _WEIGHT_OPS:
+            group = "operand"
         else:
             continue
         points[node["output"]] = ActPoint(node["name"], group)
@@ -185,6 +195,21 @@ def insert_quantize_nodes(graph: dict, bits: dict[str, int]) -> list[dict]:
     return inserted
 
 
+def point_bits(rules: dict[str, int], points: dict[str, ActPoint]) -> dict[str, int]:
+    """Value name -> the bits of its point: what ``rules`` give it, except that the input and
+    the other operands of conv2d/linear (ACT_OPERANDS) that no rule selects take
+    ACT_OPERAND_BITS once any point is quantized, so that every conv2d/linear reads codes."""
+    widths = {value: act_bits_for(rules, point) for value, point in points.items()}
+    if all(bits == ACT_FLOAT for bits in widths.values()):
+        return widths
+    return {
+        value: act_bits_for(rules, point, ACT_OPERAND_BITS)
+        if point.group in ACT_OPERANDS
+        else widths[value]
+        for value, point in points.items()
+    }
+
+
 def calibrate(
     graph: dict,
     params: dict[str, np.ndarray],
@@ -198,10 +223,7 @@ def calibrate(
 
     Returns the quantize nodes in graph order (none when every point stays float).
     """
-    widths = {
-        value: act_bits_for(config.act_bits, point)
-        for value, point in activation_points(graph).items()
-    }
+    widths = point_bits(config.act_bits, activation_points(graph))
     if not insert_quantize_nodes(graph, {v: b for v, b in widths.items() if b != ACT_FLOAT}):
         return []
     nodes = quantize_nodes(graph)

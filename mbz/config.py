@@ -18,9 +18,14 @@ METHODS = ("kmeans", "uniform")
 PRUNE_MODES = ("channel", "weight")
 CODEBOOK_KINDS = ("auto", "scaled", "plain")  # --codebook: which codebook --method kmeans fits
 # Activation points (SPEC.md section 7): the network input, every relu/relu6 output, every
-# residual add output, and every projection conv output that ends a block without a residual.
-ACT_GROUPS = ("input", "relu", "add", "proj")
-ACT_ALL = ("relu", "add", "proj")  # what a bare ``--act-bits N`` sets; the input only on request
+# residual add output, every projection conv output that ends a block without a residual, and
+# every other value a conv2d/linear reads (the pooled features before the classifier).
+ACT_GROUPS = ("input", "relu", "add", "proj", "operand")
+ACT_ALL = ("relu", "add", "proj")  # what a bare ``--act-bits N`` sets
+# Points no rule selects that still take ACT_OPERAND_BITS once any point is quantized, so that
+# every conv2d/linear reads codes and accumulates exactly (SPEC.md 7.1, 7.3).
+ACT_OPERANDS = ("input", "operand")
+ACT_OPERAND_BITS = 8
 ACT_FLOAT = 32  # activation bits that keep a point in float32
 VALID_ACT_BITS = (*range(1, 9), ACT_FLOAT)
 CALIB_METHODS = ("min-max", "percentile", "mse")
@@ -206,9 +211,10 @@ def bits_for(
     return best
 
 
-def act_bits_for(rules: dict[str, int], point: ActPoint) -> int:
-    """The activation bits the rules give ``point``; ACT_FLOAT (float32) when none matches."""
-    return bits_for(rules, point, ACT_FLOAT, _ACT_PRECEDENCE)
+def act_bits_for(rules: dict[str, int], point: ActPoint, default: int = ACT_FLOAT) -> int:
+    """The activation bits the rules give ``point``; ``default`` (float32 unless given) when
+    none matches."""
+    return bits_for(rules, point, default, _ACT_PRECEDENCE)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,8 @@ from mbz.data import Dataset
 
 if TYPE_CHECKING:
     import torch
+
+    from mbz.runtime.exact import ExactLayer
 
 Progress = Callable[[int], None] | None
 
@@ -72,14 +74,17 @@ def evaluate_torch(
     dataset: Dataset,
     batch_size: int = 256,
     progress: Progress = None,
+    exact: Mapping[str, ExactLayer] | None = None,
 ) -> EvalResult:
-    """Accuracy of the graph run by torch with exactly the decoded (fake-quantized) weights."""
+    """Accuracy of the graph run by torch with exactly the decoded (fake-quantized) weights;
+    ``exact``, a file's plan (``mbz.runtime.exact.exact_layers``), makes it compute as every
+    runtime does (``GraphModule``)."""
     import torch
 
     from mbz.torch_graph import GraphModule, image_batches
 
     device = pick_device()
-    module = GraphModule(graph, params).to(device).eval()
+    module = GraphModule(graph, params, exact).to(device).eval()
     chunks, start = [], time.perf_counter()
     with torch.no_grad():
         for _, x in image_batches(dataset.images, preprocess, device, batch_size, progress):
@@ -99,12 +104,26 @@ def agreement(a: EvalResult, b: EvalResult) -> float:
     return float((a.predictions == b.predictions).mean()) if a.predictions.size else 1.0
 
 
-def max_logit_difference(a: EvalResult, b: EvalResult) -> float:
-    """Largest absolute difference between two runtimes' logits, computed in float64 (0 when
-    they are bit-identical; equal infinities and NaN against NaN count as equal, any other
-    non-finite mismatch as infinite)."""
+def _logit_differences(a: EvalResult, b: EvalResult) -> np.ndarray:
+    """Absolute differences of two runtimes' logits in float64: 0 where bit-identical (equal
+    infinities and NaN against NaN count as equal), infinite for any other non-finite
+    mismatch."""
     x, y = a.logits.astype(np.float64), b.logits.astype(np.float64)
     same = (x == y) | (np.isnan(x) & np.isnan(y))
     with np.errstate(invalid="ignore"):  # inf - inf where ``same`` already holds
         difference = np.where(same, 0.0, np.abs(x - y))
-    return float(np.nan_to_num(difference, nan=np.inf).max(initial=0.0))
+    return np.nan_to_num(difference, nan=np.inf)
+
+
+def max_logit_difference(a: EvalResult, b: EvalResult) -> float:
+    """Largest absolute difference between two runtimes' logits, computed in float64 (0 when
+    they are bit-identical; equal infinities and NaN against NaN count as equal, any other
+    non-finite mismatch as infinite)."""
+    return float(_logit_differences(a, b).max(initial=0.0))
+
+
+def images_differing(a: EvalResult, b: EvalResult) -> int:
+    """How many images have at least one logit that is not bit-identical between two
+    runtimes (as ``max_logit_difference`` compares them)."""
+    differences = _logit_differences(a, b)
+    return int(np.count_nonzero(differences.reshape(len(differences), -1).max(axis=1, initial=0)))

@@ -27,6 +27,7 @@ from mbz.graph_ops import is_depthwise, is_pointwise, weight_nodes
 from mbz.prune import magnitude_masks, prune_channels, prune_zeroed_channels
 from mbz.quantize import Coding, quantize_weight
 from mbz.runtime import Program
+from mbz.runtime.exact import exact_layers
 
 
 @dataclass
@@ -219,9 +220,11 @@ def measure_accuracy(
     dataset: Dataset,
     progress: Progress = None,
 ) -> dict:
-    """Torch fake-quant accuracy of exactly the encoded tensors, with the data's identity."""
+    """Torch fake-quant accuracy of exactly the encoded tensors, exact layers computed as every
+    runtime computes them (SPEC.md 7.3), with the data's identity."""
     params = {name: tensor.decode() for name, tensor in tensors.items()}
-    result = evaluate_torch(graph, params, preprocess, dataset, progress=progress)
+    plan = exact_layers(graph, tensors)
+    result = evaluate_torch(graph, params, preprocess, dataset, progress=progress, exact=plan)
     return {
         "top1": result.accuracy,
         "images": int(dataset.labels.size),

@@ -1,9 +1,17 @@
-"""Run mbz's graph IR (SPEC.md section 6) with torch, and turn raw images into its input."""
+"""Run mbz's graph IR (SPEC.md section 6) with torch, and turn raw images into its input.
+
+``GraphModule.of_tensors`` runs a file's graph as every runtime does (SPEC.md 7.3): each exact
+``conv2d``/``linear`` (``mbz.runtime.exact``) sums the integers ``(q - z_a) * w_int`` exactly
+and applies the float32 epilogue op by op, and pooling of codes sums the codes exactly, so its
+logits are bit-identical to the numpy and ONNX runtimes' on a file whose layers are all exact.
+Without a plan (calibration, training) every node is the plain float op.
+"""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,6 +20,7 @@ from torch import nn
 
 from mbz.errors import MbzError
 from mbz.format.constants import Op
+from mbz.runtime.exact import POOLING_OPS, ExactLayer, exact_layers
 
 Tensors = list[torch.Tensor]
 OpFunction = Callable[[Tensors, dict[str, torch.Tensor], dict], torch.Tensor]
@@ -19,7 +28,7 @@ OpFunction = Callable[[Tensors, dict[str, torch.Tensor], dict], torch.Tensor]
 
 def _conv2d(xs: Tensors, p: dict[str, torch.Tensor], a: dict) -> torch.Tensor:
     stride, padding, dilation = tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"])
-    return F.conv2d(xs[0], p["weight"], p["bias"], stride, padding, dilation, a["groups"])
+    return F.conv2d(xs[0], p["weight"], p.get("bias"), stride, padding, dilation, a["groups"])
 
 
 def _batchnorm(xs: Tensors, p: dict[str, torch.Tensor], _: dict) -> torch.Tensor:
@@ -44,7 +53,7 @@ def _quantize(xs: Tensors, _: dict[str, torch.Tensor], a: dict) -> torch.Tensor:
 
 OPS: dict[Op, OpFunction] = {
     Op.CONV2D: _conv2d,
-    Op.LINEAR: lambda xs, p, _: F.linear(xs[0], p["weight"], p["bias"]),
+    Op.LINEAR: lambda xs, p, _: F.linear(xs[0], p["weight"], p.get("bias")),
     Op.BATCHNORM: _batchnorm,
     Op.RELU: lambda xs, _p, _a: F.relu(xs[0]),
     Op.RELU6: lambda xs, _p, _a: F.relu6(xs[0]),
@@ -57,14 +66,102 @@ OPS: dict[Op, OpFunction] = {
 }
 
 
+def integers(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The integers ``q - z`` of a quantize node's output ``x = float32((q - z) * scale)``, as
+    ``dtype``: ``x / scale`` in float64 is within ``2**-23`` relative of ``q - z`` (at most
+    255 in magnitude), so rounding recovers it exactly."""
+    return torch.round(x.double() / scale).to(dtype)
+
+
+def _view(values: np.ndarray, op: str) -> torch.Tensor:
+    """Per-output-channel float32 constants shaped to broadcast over the op's output."""
+    return torch.from_numpy(np.asarray(values, np.float32)).reshape(
+        (-1, 1, 1) if op == Op.CONV2D else (-1,)
+    )
+
+
+class ExactReduction(nn.Module):
+    """One exact ``conv2d``/``linear`` (SPEC.md 7.3): the accumulator ``sum((q - z_a) *
+    w_int)`` as an exact integer, then ``float32(acc) * multiplier[c]``, then ``+ bias[c]``
+    (two float32 ops, never fused).
+
+    The sum runs in float32 on the CPU when every partial sum stays below ``2**24`` (exact in
+    any order), otherwise, and always on CUDA (whose float32 convolutions may use TF32 or
+    Winograd), in float64, exact below ``2**53``; rounding the float64 result guards against
+    an FFT algorithm's error, far below 0.5."""
+
+    weight: torch.Tensor
+    multiplier: torch.Tensor
+    bias: torch.Tensor
+
+    def __init__(self, node: dict, plan: ExactLayer, input_scale: float) -> None:
+        """The plan of ``node``, whose input is the output of a quantize node of scale
+        ``input_scale``."""
+        super().__init__()
+        self.op, self.attrs = node["op"], node["attrs"]
+        self.input_scale = float(np.float32(input_scale))
+        self.float32_exact = plan.float32_exact
+        self.register_buffer("weight", torch.from_numpy(plan.weight.astype(np.float32)))
+        self.register_buffer("multiplier", _view(plan.multiplier, node["op"]))
+        self.register_buffer("bias", _view(plan.bias, node["op"]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The float32 output of the layer for the fake-quantized input ``x``."""
+        wide = x.is_cuda or not self.float32_exact
+        dtype = torch.float64 if wide else torch.float32
+        weight = {"weight": self.weight.to(dtype)}  # no bias: the epilogue adds it
+        acc = OPS[self.op]([integers(x, self.input_scale, dtype)], weight, self.attrs)
+        y = (acc.round() if wide else acc).to(torch.float32)
+        y = y * self.multiplier
+        return y + self.bias
+
+
+_POOL_ATTRS = ("kernel", "stride", "padding")
+
+
+class CodePooling(nn.Module):
+    """``avgpool2d``/``global_avgpool`` of codes (SPEC.md 7.3): ``S = sum(q - z)`` over the
+    window, exact in float64 (padding counts as 0 and in the divisor), then ``(float32(S) *
+    float32(scale)) / float32(window)``, each a float32 op on same-device tensors (CUDA
+    replaces division by a host scalar with a multiplication by its reciprocal)."""
+
+    scale: torch.Tensor
+
+    def __init__(self, node: dict, input_scale: float) -> None:
+        """``node`` reads the output of a quantize node of scale ``input_scale``."""
+        super().__init__()
+        self.op, self.attrs = node["op"], node["attrs"]
+        self.register_buffer("scale", torch.tensor(np.float32(input_scale)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled float32 values of the fake-quantized input ``x``."""
+        ints = integers(x, float(self.scale), torch.float64)
+        if self.op == Op.GLOBAL_AVGPOOL:
+            total, window = ints.sum((2, 3), keepdim=True), x.shape[2] * x.shape[3]
+        else:
+            kernel, stride, padding = (tuple(self.attrs[key]) for key in _POOL_ATTRS)
+            total = F.avg_pool2d(ints, kernel, stride, padding, divisor_override=1)
+            window = kernel[0] * kernel[1]
+        y = total.to(torch.float32) * self.scale
+        return y / torch.full_like(y, window)
+
+
 class GraphModule(nn.Module):
     """A graph IR and its tensors as a torch module; ``forward`` maps NCHW inputs to logits.
 
     The tensors are buffers (``param_0``, ``param_1``... since tensor names contain dots), so
-    ``.to(device)`` moves them.
+    ``.to(device)`` moves them. With ``exact`` (the plan of ``mbz.runtime.exact.exact_layers``;
+    ``of_tensors`` builds it from a file's tensors), the planned layers and every pooling of
+    codes compute as SPEC.md 7.3 fixes; without it (calibration, training) every node is the
+    float op on fake-quantized values.
     """
 
-    def __init__(self, graph: dict, params: dict[str, np.ndarray]) -> None:
+    def __init__(
+        self,
+        graph: dict,
+        params: dict[str, np.ndarray],
+        exact: Mapping[str, ExactLayer] | None = None,
+    ) -> None:
         """Keep the graph's nodes and register every tensor they name; MbzError for an unknown
         op or a missing tensor."""
         super().__init__()
@@ -77,6 +174,25 @@ class GraphModule(nn.Module):
                 raise MbzError(f"graph node {node['name']!r} has unknown op {node['op']!r}")
             for name in node["params"].values():
                 self._register(name, params)
+        self.exact_steps = nn.ModuleDict()  # node index (as text) -> its exact computation
+        if exact is not None:
+            self._plan_exact(exact)
+
+    @classmethod
+    def of_tensors(cls, graph: dict, tensors: Mapping[str, Any]) -> GraphModule:
+        """The module that runs a file's graph as every runtime does: the decoded ``tensors``
+        (``mbz.format`` tensors by name) and the exact plan they allow."""
+        params = {name: tensor.decode() for name, tensor in tensors.items()}
+        return cls(graph, params, exact_layers(graph, tensors))
+
+    def _plan_exact(self, exact: Mapping[str, ExactLayer]) -> None:
+        scales = {n["output"]: n["attrs"]["scale"] for n in self.nodes if n["op"] == Op.QUANTIZE}
+        for index, node in enumerate(self.nodes):
+            scale = scales.get(node["inputs"][0]) if node["inputs"] else None
+            if node["name"] in exact and scale is not None:
+                self.exact_steps[str(index)] = ExactReduction(node, exact[node["name"]], scale)
+            elif node["op"] in POOLING_OPS and scale is not None:
+                self.exact_steps[str(index)] = CodePooling(node, scale)
 
     def _register(self, name: str, params: dict[str, np.ndarray]) -> None:
         if name in self.slots:
@@ -94,10 +210,15 @@ class GraphModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, classes]`` of a preprocessed float32 batch ``[N, C, H, W]``."""
         values = {self.input_name: x}
-        for node in self.nodes:
+        for index, node in enumerate(self.nodes):
             inputs = [values[name] for name in node["inputs"]]
-            values[node["output"]] = OPS[node["op"]](inputs, self.node_tensors(node), node["attrs"])
+            values[node["output"]] = self._run(index, node, inputs)
         return values[self.output_name]
+
+    def _run(self, index: int, node: dict, inputs: Tensors) -> torch.Tensor:
+        if str(index) in self.exact_steps:
+            return self.exact_steps[str(index)](inputs[0])
+        return OPS[node["op"]](inputs, self.node_tensors(node), node["attrs"])
 
 
 def preprocess_images(

@@ -19,12 +19,14 @@ from mbz.evaluate import (
     data_fingerprint,
     evaluate_numpy,
     evaluate_torch,
+    images_differing,
     max_logit_difference,
 )
 from mbz.format import DEFAULT_LIMITS, Limits, MbzFile, read_mbz
 from mbz.onnx.export import export_onnx
 from mbz.onnx.session import OnnxProgram
 from mbz.runtime import load_program
+from mbz.runtime.exact import all_exact, exact_layers
 from mbz.runtime.program import check_runnable
 
 RUNTIMES = ("numpy", "torch", "onnx")
@@ -42,6 +44,7 @@ class Report:
     logit_differences: dict[str, float] = field(default_factory=dict)
     stored: dict | None = None
     failures: list[str] = field(default_factory=list)
+    exact: bool = False  # every layer exact (SPEC.md 7.3): any logit difference is a failure
 
     def to_dict(self) -> dict:
         """JSON-ready report."""
@@ -55,6 +58,7 @@ class Report:
             "stored_accuracy": self.stored,
             "ok": not self.failures,
             "failures": self.failures,
+            "exact": self.exact,
         }
 
     def to_text(self) -> str:
@@ -69,6 +73,8 @@ class Report:
             f"largest logit difference {self.logit_differences[pair]:.3g}"
             for pair, v in self.agreements.items()
         ]
+        if self.exact and self.agreements:
+            lines.append("every layer is exact: the runtimes' logits must be bit-identical")
         if self.stored:
             lines.append(
                 f"stored at pack time: {100 * self.stored['top1']:.2f}% "
@@ -96,7 +102,8 @@ def _run(
         return replace(evaluate_numpy(onnx_program, dataset, progress), runtime="onnx")
     params = {name: tensor.decode() for name, tensor in mbz.tensors.items()}
     graph, preprocess = mbz.metadata["graph"], mbz.metadata["preprocess"]
-    return evaluate_torch(graph, params, preprocess, dataset, progress=progress)
+    plan = exact_layers(graph, mbz.tensors)
+    return evaluate_torch(graph, params, preprocess, dataset, progress=progress, exact=plan)
 
 
 def _check(report: Report, tolerance: float, quantized: bool, fingerprint: str) -> None:
@@ -106,6 +113,8 @@ def _check(report: Report, tolerance: float, quantized: bool, fingerprint: str) 
         pair = f"{first.runtime}/{other.runtime}"
         report.agreements[pair] = agreement(first, other)
         report.logit_differences[pair] = max_logit_difference(first, other)
+        if report.exact:
+            _check_identical(report, first, other)
         if report.agreements[pair] < bar:
             report.failures.append(
                 f"{pair} agree on {100 * report.agreements[pair]:.2f}% "
@@ -125,6 +134,19 @@ def _check(report: Report, tolerance: float, quantized: bool, fingerprint: str) 
                 )
 
 
+def _check_identical(report: Report, first: EvalResult, other: EvalResult) -> None:
+    """A failure unless two runtimes' logits are bit-identical (for an all-exact file)."""
+    differing = images_differing(first, other)
+    if differing:
+        pair = f"{first.runtime}/{other.runtime}"
+        report.failures.append(
+            f"{pair} logits differ on {differing} of {first.predictions.size} images (largest "
+            f"difference {report.logit_differences[pair]:.3g}) although every layer of the file "
+            "is exact (SPEC.md 7.3), so they must be bit-identical: one runtime does not compute "
+            "as the spec fixes (a bug in mbz, not in the file)"
+        )
+
+
 def verify(
     source: Path | MbzFile,
     dataset: Dataset,
@@ -136,11 +158,14 @@ def verify(
     """Evaluate ``source`` (a .mbz path or a read file) with each runtime on ``dataset``.
 
     ``tolerance`` is a fraction: 0.001 accepts 0.1 percentage points of accuracy difference.
+    When every layer of the file is exact (``mbz.runtime.exact.all_exact``), any difference
+    between two runtimes' logits is a failure.
     The file is validated within ``limits`` first (``open_checked``).
     """
     mbz = open_checked(source, limits)
     results = [_run(runtime, mbz, dataset, progress, limits) for runtime in runtimes]
-    report = Report(results, stored=mbz.metadata.get("accuracy"))
+    exact = all_exact(mbz.metadata["graph"], mbz.tensors)
+    report = Report(results, stored=mbz.metadata.get("accuracy"), exact=exact)
     quantized = any(node["op"] == "quantize" for node in mbz.metadata["graph"]["nodes"])
     _check(report, tolerance, quantized, data_fingerprint(dataset))
     return report

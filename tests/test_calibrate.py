@@ -112,18 +112,21 @@ def calibrated(folded, act_bits: str) -> dict:
     return graph
 
 
-def test_every_convolution_reads_quantized_activations(folded):
+def test_every_convolution_and_the_classifier_read_quantized_activations(folded):
     graph = calibrated(folded, "8")
     nodes = {node["output"]: node for node in graph["nodes"]}
-    convs = [node for node in graph["nodes"] if node["op"] == "conv2d"]
-    for conv in convs[1:]:  # the first reads the float input
-        assert nodes[conv["inputs"][0]]["op"] == "quantize", conv["name"]
-    assert convs[0]["inputs"] == [graph["input"]]
+    reducing = [node for node in graph["nodes"] if node["op"] in ("conv2d", "linear")]
+    read = [nodes[layer["inputs"][0]] for layer in reducing]
+    assert all(node["op"] == "quantize" for node in read)
+    # the first conv reads the quantized input, the classifier the quantized pooled features
+    assert read[0]["inputs"] == [graph["input"]] and read[0]["attrs"]["bits"] == 8
+    assert nodes[read[-1]["inputs"][0]]["op"] == "flatten" and read[-1]["attrs"]["bits"] == 8
+    defined_by = {name: node["op"] for name, node in nodes.items()}
     for node in graph["nodes"]:
         if node["op"] in ("relu6", "add"):
             readers = [n for n in graph["nodes"] if node["output"] in n["inputs"]]
             assert [r["op"] for r in readers] == ["quantize"], node["name"]
-        if node["op"] == "quantize" and nodes[node["inputs"][0]]["op"] == "relu6":
+        if node["op"] == "quantize" and defined_by.get(node["inputs"][0]) == "relu6":
             assert node["attrs"]["zero_point"] == 0
     assert nodes[graph["output"]]["op"] == "linear"
 
@@ -136,7 +139,8 @@ def test_rules_choose_bits_per_group_and_glob(folded):
         for q in graph["nodes"]
         if q["op"] == "quantize"
     }
-    assert bits == {"input": 8, "relu6": 4, "add": 6}  # proj points stay float (no rule)
+    # proj points stay float (no rule); the classifier's operand takes 8 bits
+    assert bits == {"input": 8, "relu6": 4, "add": 6, "flatten": 8}
     quantized = {q["inputs"][0] for q in graph["nodes"] if q["op"] == "quantize"}
     assert not any(value.startswith("features.1.") for value in quantized)
     assert any(value.startswith("features.2.") for value in quantized)
@@ -341,7 +345,9 @@ def test_pack_stores_calibrated_quantize_nodes(packed):
     path, summary = packed[4]
     metadata = read_mbz(path).metadata
     quantize = [node for node in metadata["graph"]["nodes"] if node["op"] == "quantize"]
-    assert quantize and all(node["attrs"]["bits"] == 4 for node in quantize)
+    operands = {"input", "flatten"}  # what the first conv and the classifier read: 8 bits
+    assert {node["inputs"][0] for node in quantize if node["attrs"]["bits"] == 8} == operands
+    assert all(node["attrs"]["bits"] == 4 for node in quantize if node["inputs"][0] not in operands)
     assert len({node["attrs"]["scale"] for node in quantize}) > len(quantize) // 2
     assert metadata["pack_config"]["act_bits"] == {"relu": 4, "add": 4, "proj": 4}
     assert metadata["accuracy"]["top1"] == summary["accuracy"]["top1"]

@@ -120,7 +120,7 @@ def test_a_float_model_at_chance_is_reported(workdir, checkpoint, images):
         ("--bits", "fc=2,fc=8", "'fc' is given twice"),
         ("--bits", "features.99.*=2", "name glob matching one of features.0.0, "),
         ("--act-bits", "relu=4,rleu=8", "'rleu' is neither a group nor a name in the model: use "
-                                        "a group (input, relu, add, proj)"),
+                                        "a group (input, relu, add, proj, operand)"),
         ("--act-bits", "8,4", "several bare numbers"),
     ],
 )

@@ -107,9 +107,12 @@ _PACK_FLAGS: dict[str, Flag] = {
     "act_bits": Flag(
         "Quantize activations [default: none, every activation float32]. A number sets every "
         "relu/relu6 output, residual add output and block-ending projection output; rules "
-        f"pick per group: {', '.join(ACT_GROUPS)} (input: the network input, only when "
-        "named), or a node-name glob, e.g. '8,input=8' or 'relu=4,add=8'. Activations no rule "
-        "selects stay float32. 1-8 bits, 32 keeps float. Needs --data with a train split.",
+        f"pick per group: {', '.join(ACT_GROUPS)}, or a node-name glob, e.g. '8,relu=4' or "
+        "'relu=4,add=8'. Once any activation is quantized, the network input (input) and every "
+        "other value a conv/linear layer reads (operand: the pooled features) take 8 bits "
+        "unless a rule names them, so that every layer accumulates exactly and the runtimes "
+        "agree bit for bit (SPEC.md 7.3). Other activations no rule selects stay float32. "
+        "1-8 bits, 32 keeps float. Needs --data with a train split.",
         RulesType(activation_bits),
         metavar="BITS",
     ),
