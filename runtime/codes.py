@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -88,6 +88,12 @@ class Codes:
     def width(self) -> int:
         """Bits per stored code."""
         return code_width(self.bits)
+
+
+def integers(codes: Codes) -> Codes:
+    """The same codes read as their integers ``q - zero_point`` (scale 1): what exact layers and
+    pooling of codes decode (SPEC.md section 7.3)."""
+    return replace(codes, scale=1.0)
 
 
 def code_width(bits: int) -> int:
@@ -187,7 +193,8 @@ def decode(
 def decode_range(
     codes: Codes, start: int, stop: int, out: np.ndarray, pool: BufferPool | None = None
 ) -> np.ndarray:
-    """Decode codes ``start`` to ``stop`` (C order) into the flat float32 ``out``."""
+    """Decode codes ``start`` to ``stop`` (C order) into the flat float32 ``out`` (no multiply
+    when the scale is 1: ``x * 1`` is ``x``)."""
     width, zero = codes.width, F32(codes.zero_point)
     per, size = _planes(math.prod(codes.shape), width)
     if per == 1:
@@ -202,7 +209,8 @@ def decode_range(
         give(pool, part)
     if zero:
         out -= zero
-    out *= F32(codes.scale)
+    if codes.scale != 1:
+        out *= F32(codes.scale)
     return out
 
 

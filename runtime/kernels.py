@@ -9,6 +9,12 @@ ones take their arrays from it.
 
 The 1x1 and depthwise convolutions read and write quantized activations (``codes.Codes``) a
 cache-sized block at a time.
+
+Exact layers (SPEC.md section 7.3) run the same convolution and linear kernels on integer-valued
+float32 inputs and weights, with a ``multiplier`` per output channel applied before the bias; a
+``chunk`` splits a reduction that could reach ``2**24`` into float32 partial products of that
+many terms, added in float64 (``matmul``); a depthwise weight held in float64 accumulates in
+float64. ``avgpool2d_codes`` and ``global_avgpool_codes`` pool codes as exact integer sums.
 """
 
 from __future__ import annotations
@@ -24,14 +30,17 @@ from .codes import (
     Codes,
     Shape,
     as_float,
+    decode,
     decode_range,
     encode_range,
     give,
+    integers,
     new_codes,
     take,
 )
 
 F32 = np.float32
+F64 = np.float64
 CACHE_BLOCK_BYTES = 256 * 1024  # output bytes per depthwise block, well inside a core's L2
 SCRATCH_BYTES = 16 * 1024 * 1024  # im2col columns per block of output rows
 Pair = tuple[int, int]
@@ -48,9 +57,10 @@ def prepare_pointwise(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight[:, :, 0, 0].T, dtype=F32)
 
 
-def prepare_depthwise(weight: np.ndarray) -> np.ndarray:
-    """[C, 1, kH, kW] -> [kH, kW, C], one row of per-channel factors per tap."""
-    return np.ascontiguousarray(weight[:, 0].transpose(1, 2, 0), dtype=F32)
+def prepare_depthwise(weight: np.ndarray, dtype: type = F32) -> np.ndarray:
+    """[C, 1, kH, kW] -> [kH, kW, C], one row of per-channel factors per tap (float64 for an
+    exact layer whose sums could reach ``2**24``: ``_accumulate_taps`` then sums in float64)."""
+    return np.ascontiguousarray(weight[:, 0].transpose(1, 2, 0), dtype=dtype)
 
 
 def prepare_grouped(weight: np.ndarray, groups: int) -> np.ndarray:
@@ -112,8 +122,13 @@ def add_per_channel(x: np.ndarray, values: np.ndarray) -> np.ndarray:
     return x
 
 
-def _finish(block: np.ndarray, bias_rows: np.ndarray, clip: Clip) -> None:
-    """Add the row-tiled bias to an [..., W, C] block in place, then clip it if asked."""
+def _finish(
+    block: np.ndarray, bias_rows: np.ndarray, clip: Clip, multiplier_rows: np.ndarray | None
+) -> None:
+    """The epilogue of an [..., W, C] block, in place: times the row-tiled multiplier (exact
+    layers), plus the row-tiled bias (two float32 operations), then the clip if asked."""
+    if multiplier_rows is not None:
+        np.multiply(block, multiplier_rows, out=block)
     np.add(block, bias_rows, out=block)
     if clip is not None:
         np.clip(block, F32(clip[0]), F32(clip[1]), out=block)
@@ -149,6 +164,28 @@ def row_blocks(
             yield slice(image, image + 1), slice(begin, min(begin + step, rows))
 
 
+def _rows_of(values: np.ndarray | None, width: int) -> np.ndarray | None:
+    return None if values is None else tile_rows(values, width)
+
+
+def matmul(
+    a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None, chunk: int | None = None
+) -> np.ndarray:
+    """``a @ b`` (batched over leading axes) into ``out``; with a ``chunk`` shorter than the
+    reduction, float32 products of ``chunk`` terms each (exact for integer-valued operands
+    whose partial sums stay below ``2**24``), added in float64, then rounded once to float32."""
+    depth = b.shape[-2]
+    if chunk is None or chunk >= depth:
+        return np.matmul(a, b, out=out)
+    total = np.matmul(a[..., :chunk], b[..., :chunk, :]).astype(F64)
+    for begin in range(chunk, depth, chunk):
+        total += np.matmul(a[..., begin : begin + chunk], b[..., begin : begin + chunk, :])
+    if out is None:
+        return total.astype(F32)
+    np.copyto(out, total, casting="same_kind")
+    return out
+
+
 def _out_hw(shape: Shape, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> Pair:
     return (
         output_size(shape[1], kernel[0], stride[0], padding[0], dilation[0]),
@@ -168,15 +205,18 @@ def conv_pointwise(
     clip: Clip = None,
     quant: dict | None = None,
     pool: BufferPool | None = None,
+    multiplier: np.ndarray | None = None,
+    chunk: int | None = None,
 ) -> np.ndarray | Codes:
-    """1x1 convolution without groups: a matmul per block of image rows, each finished (bias,
-    optional ``clip``, then ``encode`` when ``quant`` holds its bits, scale and zero point)
-    while it is still in cache. ``weight`` is [C, O]. Codes are decoded a block at a time."""
+    """1x1 convolution without groups: a matmul (``chunk``: see ``matmul``) per block of image
+    rows, each finished (``multiplier``, bias, optional ``clip``, then ``encode`` when ``quant``
+    holds its bits, scale and zero point) while it is still in cache. ``weight`` is [C, O].
+    Codes are decoded a block at a time."""
     if padding != (0, 0) or stride != (1, 1):
         x = as_float(x, pool)
         x = np.ascontiguousarray(pad_nhwc(x, padding)[:, :: stride[0], :: stride[1], :])
     n, h, w, c = x.shape
-    bias_rows = tile_rows(bias, w)
+    bias_rows, multiplier_rows = tile_rows(bias, w), _rows_of(multiplier, w)
     block = max(1, min(n * h, CACHE_BLOCK_BYTES // max(bias_rows.nbytes, 1)))
     rows_out = _Rows.writer((n, h, w, weight.shape[1]), block, quant, pool)
     with _Rows.reader(x, block, pool) as rows_in, rows_out:
@@ -184,8 +224,8 @@ def conv_pointwise(
             stop = min(begin + block, n * h)
             target = rows_out.target(begin, stop)
             source = rows_in.read(begin, stop).reshape(-1, c)
-            np.matmul(source, weight, out=target.reshape(-1, weight.shape[1]))
-            _finish(target, bias_rows, clip)
+            matmul(source, weight, target.reshape(-1, weight.shape[1]), chunk)
+            _finish(target, bias_rows, clip, multiplier_rows)
             rows_out.write(begin, target)
     return rows_out.result
 
@@ -200,15 +240,17 @@ def conv_depthwise(
     clip: Clip = None,
     quant: dict | None = None,
     pool: BufferPool | None = None,
+    multiplier: np.ndarray | None = None,
 ) -> np.ndarray | Codes:
-    """Depthwise convolution as one shifted multiply-add per tap. ``weight`` is [kH, kW, C].
+    """Depthwise convolution as one shifted multiply-add per tap. ``weight`` is [kH, kW, C]
+    (float64: sums in float64), ``multiplier`` as in ``conv_pointwise``.
 
     Images are processed in blocks of about ``CACHE_BLOCK_BYTES`` of output, so that the
     repeated passes over the output (taps, bias, optional ``clip`` and ``quant`` as in
     ``conv_pointwise``) stay in cache; codes are decoded a block at a time."""
     kernel, (n, _, _, c) = weight.shape[:2], x.shape
     out_hw = _out_hw(x.shape, kernel, stride, padding, dilation)
-    bias_rows = tile_rows(bias, out_hw[1])
+    bias_rows, multiplier_rows = tile_rows(bias, out_hw[1]), _rows_of(multiplier, out_hw[1])
     block = max(1, min(n, CACHE_BLOCK_BYTES // max(4 * c * math.prod(out_hw), 1)))
     images_out = _Rows.writer((n, *out_hw, c), block, quant, pool, rank=1)
     with _Rows.reader(x, block, pool, rank=1) as images, images_out:
@@ -218,7 +260,7 @@ def conv_depthwise(
             chunk = images.read(begin, stop)
             padded = pad_nhwc(chunk, padding, pool=pool)
             _accumulate_taps(padded, weight, target, stride, dilation)
-            _finish(target, bias_rows, clip)
+            _finish(target, bias_rows, clip, multiplier_rows)
             _release_padded(pool, padded, chunk)
             images_out.write(begin, target)
     return images_out.result
@@ -300,9 +342,13 @@ def _accumulate_taps(
     dilation: Pair,
 ) -> None:
     """``target = sum over taps (i, j) of window tap (i, j) * weight[i, j]`` per channel, in
-    one vectorised contraction over the windows of ``padded``."""
+    one vectorised contraction over the windows of ``padded`` (in float64, rounded once, for a
+    float64 ``weight``)."""
     view = windows(padded, weight.shape[:2], stride, dilation, target.shape[1:3])
-    np.einsum("nyxijc,ijc->nyxc", view, weight, out=target)
+    if weight.dtype == F32:
+        np.einsum("nyxijc,ijc->nyxc", view, weight, out=target)
+    else:
+        np.copyto(target, np.einsum("nyxijc,ijc->nyxc", view, weight), casting="same_kind")
 
 
 def conv_grouped(
@@ -315,10 +361,12 @@ def conv_grouped(
     dilation: Pair,
     clip: Clip = None,
     pool: BufferPool | None = None,
+    multiplier: np.ndarray | None = None,
+    chunk: int | None = None,
 ) -> np.ndarray:
     """Any convolution, by im2col and one (batched per group) matmul per block of output rows,
     the columns of a block taking at most ``SCRATCH_BYTES``. ``weight``: see
-    ``prepare_grouped``."""
+    ``prepare_grouped``; ``multiplier`` and ``chunk`` as in ``conv_pointwise``."""
     n, c = x.shape[0], x.shape[3]
     out_hw = _out_hw(x.shape, kernel, stride, padding, dilation)
     out = take(pool, (n, *out_hw, weight.shape[0] * weight.shape[2]))
@@ -329,31 +377,41 @@ def conv_grouped(
         source = view[images, rows]
         columns = take(pool, source.shape)
         np.copyto(columns, source)
-        _matmul_groups(columns, weight, out[images, rows])
+        _matmul_groups(columns, weight, out[images, rows], chunk)
         give(pool, columns)
     _release_padded(pool, padded, x)
-    _finish(out, tile_rows(bias, out_hw[1]), clip)
+    _finish(out, tile_rows(bias, out_hw[1]), clip, _rows_of(multiplier, out_hw[1]))
     return out
 
 
-def _matmul_groups(columns: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
+def _matmul_groups(
+    columns: np.ndarray, weight: np.ndarray, out: np.ndarray, chunk: int | None
+) -> None:
     """``out`` [b, h, w, O] = the im2col ``columns`` [b, h, w, kH, kW, C] times the grouped
-    ``weight`` [g, kH*kW*C/g, O/g]."""
+    ``weight`` [g, kH*kW*C/g, O/g] (``chunk``: see ``matmul``)."""
     groups, pixels = weight.shape[0], math.prod(columns.shape[:3])
     taps, c = math.prod(columns.shape[3:5]), columns.shape[5]
     if groups == 1:
-        np.matmul(columns.reshape(pixels, -1), weight[0], out=out.reshape(pixels, -1))
+        matmul(columns.reshape(pixels, -1), weight[0], out.reshape(pixels, -1), chunk)
         return
     split = columns.reshape(pixels, taps, groups, c // groups)
     per_group = split.transpose(2, 0, 1, 3).reshape(groups, pixels, -1)
-    out.reshape(pixels, groups, -1)[:] = np.matmul(per_group, weight).transpose(1, 0, 2)
+    out.reshape(pixels, groups, -1)[:] = matmul(per_group, weight, chunk=chunk).transpose(1, 0, 2)
 
 
 def linear(
-    x: np.ndarray, weight: np.ndarray, bias: np.ndarray, pool: BufferPool | None = None
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    pool: BufferPool | None = None,
+    multiplier: np.ndarray | None = None,
+    chunk: int | None = None,
 ) -> np.ndarray:
-    """``x @ weight + bias`` with ``weight`` already transposed to [I, O]."""
-    out = np.matmul(x, weight)
+    """``x @ weight (* multiplier) + bias`` with ``weight`` already transposed to [I, O]
+    (``multiplier`` and ``chunk`` as in ``conv_pointwise``)."""
+    out = matmul(x, weight, chunk=chunk)
+    if multiplier is not None:
+        out *= multiplier
     out += bias
     return out
 
@@ -414,6 +472,18 @@ def avgpool2d(
     return out
 
 
+def avgpool2d_codes(
+    x: Codes, kernel: Pair, stride: Pair, padding: Pair, pool: BufferPool | None = None
+) -> np.ndarray:
+    """Average pooling of codes, exactly: the window sums ``S`` of ``q - zero_point`` (padding
+    counts as 0 and in the divisor) in float64, then ``float32(S) * scale / window``."""
+    values = decode(integers(x), pool)
+    padded = pad_nhwc(values, padding).astype(F64)
+    give(pool, values)
+    sums = _pool_reduce(np.add, padded, kernel, stride, None)
+    return _average_codes(sums, x.scale, kernel[0] * kernel[1])
+
+
 def maxpool2d(
     x: np.ndarray, kernel: Pair, stride: Pair, padding: Pair, pool: BufferPool | None = None
 ) -> np.ndarray:
@@ -435,11 +505,11 @@ def _pool_reduce(
     out_w = (width - kernel[1]) // stride[1] + 1
     sn, sh, sw, sc = padded.strides
     columns = as_strided(padded, (n, height, out_w, kernel[1], c), (sn, sh, sw * stride[1], sw, sc))
-    rows = take(pool, (n, height, out_w, c))
+    rows = take(pool, (n, height, out_w, c), padded.dtype.type)
     ufunc.reduce(columns, axis=3, out=rows)
     rn, rh, rw, rc = rows.strides
     windows_ = as_strided(rows, (n, out_h, kernel[0], out_w, c), (rn, rh * stride[0], rh, rw, rc))
-    out = take(pool, (n, out_h, out_w, c))
+    out = take(pool, (n, out_h, out_w, c), padded.dtype.type)
     ufunc.reduce(windows_, axis=2, out=out)
     give(pool, rows)
     return out
@@ -448,6 +518,23 @@ def _pool_reduce(
 def global_avgpool(x: np.ndarray, pool: BufferPool | None = None) -> np.ndarray:
     """Mean over H and W: [N, H, W, C] -> [N, 1, 1, C]."""
     return x.mean(axis=(1, 2), keepdims=True, dtype=F32)
+
+
+def global_avgpool_codes(x: Codes, pool: BufferPool | None = None) -> np.ndarray:
+    """Mean of codes over H and W, exactly: as ``avgpool2d_codes`` with the whole map as the
+    window."""
+    values = decode(integers(x), pool)
+    sums = values.sum(axis=(1, 2), keepdims=True, dtype=F64)
+    give(pool, values)
+    return _average_codes(sums, x.scale, x.shape[1] * x.shape[2])
+
+
+def _average_codes(sums: np.ndarray, scale: float, window: int) -> np.ndarray:
+    """``(float32(sums) * float32(scale)) / float32(window)``: two float32 operations."""
+    out = sums.astype(F32)
+    out *= F32(scale)
+    out /= F32(window)
+    return out
 
 
 def flatten(x: np.ndarray, pool: BufferPool | None = None) -> np.ndarray:

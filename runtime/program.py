@@ -4,7 +4,10 @@ Values flow in NHWC layout internally (feature maps) or as [N, F] (flat features
 graph input of ``run`` is converted from NCHW, once. A conv2d followed by its relu/relu6 runs as
 one fused step, and so does any node followed by its quantize. A quantize output is held as
 integer codes (``Codes``): 1x1 and depthwise convolutions decode them block by block, other
-steps read a decoded scratch copy. A value is freed as soon as its last reader has run (its
+steps read a decoded scratch copy. Given the plan of exact layers (``exact.exact_layers``), a
+conv2d or linear that reads codes decodes them to their integers ``q - zero_point`` and runs on
+integer weights with its exact epilogue, and pooling reads codes as integer sums (SPEC.md 7.3).
+A value is freed as soon as its last reader has run (its
 memory goes back to the run's buffer pool), and element-wise ops overwrite their input when
 nothing else needs it.
 """
@@ -28,7 +31,8 @@ from mbz.format.errors import MbzFormatError
 from mbz.format.limits import DEFAULT_LIMITS, Limits
 
 from . import kernels
-from .codes import BufferPool, Codes, as_float, decode, encode
+from .codes import BufferPool, Codes, as_float, decode, encode, integers
+from .exact import FLOAT32_EXACT, ExactLayer, exact_layers
 from .graph import GraphCost, Shape, analyze
 from .threads import blas_threads
 
@@ -42,6 +46,7 @@ PREPROCESS_KEYS = frozenset({"layout", "dtype", "mean", "std"})
 BATCH_ACTIVATION_BYTES = 1 << 28  # predict shrinks its batches to hold at most this at once
 Value = np.ndarray | Codes
 Kernel = Callable[..., Value]
+Plan = dict[str, ExactLayer]
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class Step:
     in_place: bool
     frees: tuple[str, ...]
     reads_codes: bool = False  # the kernel takes codes as they are (else they are decoded)
+    integer_input: bool = False  # the first input is codes read as their integers (exact)
 
 
 class Program:
@@ -67,9 +73,12 @@ class Program:
         params: dict[str, np.ndarray],
         preprocess: dict,
         limits: Limits = DEFAULT_LIMITS,
+        exact: Plan | None = None,
     ) -> None:
         """Validate graph, params and preprocess within ``limits`` (MbzFormatError) and
-        pre-arrange the weights."""
+        pre-arrange the weights. ``exact``: the graph's ``exact.exact_layers``, whose nodes then
+        compute exactly, as does pooling of codes (SPEC.md 7.3); None runs every node on the
+        float path."""
         self.value_shapes: dict[str, Shape]
         self.cost: GraphCost
         self.value_shapes, self.cost = analyze(graph, params, limits)
@@ -78,7 +87,8 @@ class Program:
         self.input_shape: Shape = self.value_shapes[self.input_name]
         self.num_classes: int = self.value_shapes[self.output_name][0]
         self.mean, self.std = check_preprocess(preprocess, self.input_shape[0])
-        self.steps: list[Step] = _compile(graph, params)
+        self.exact: bool = exact is not None
+        self.steps: list[Step] = _compile(graph, params, exact)
         self.last_peak_bytes_per_image: int = 0
 
     def run(self, x_nchw: np.ndarray) -> np.ndarray:
@@ -135,6 +145,8 @@ class Program:
         peak = _live_bytes(values)
         for step in self.steps:
             stored = [values[name] for name in step.inputs]
+            if step.integer_input:
+                stored[0] = integers(cast(Codes, stored[0]))
             args = stored if step.reads_codes else [as_float(value, pool) for value in stored]
             extra = {"out": args[0]} if step.in_place else {}
             result = values[step.output] = step.kernel(*args, pool=pool, **extra)
@@ -167,13 +179,19 @@ def predict_in_batches(
     return np.concatenate(chunks)
 
 
-def load_program(source: str | os.PathLike | MbzFile, limits: Limits = DEFAULT_LIMITS) -> Program:
+def load_program(
+    source: str | os.PathLike | MbzFile, limits: Limits = DEFAULT_LIMITS, exact: bool = True
+) -> Program:
     """The Program of a .mbz file (a path, read with ``read_mbz``, or a read ``MbzFile``),
-    validated by ``check_runnable`` before any weight is decoded to float32."""
+    validated by ``check_runnable`` before any weight is decoded to float32. Its exact layers
+    compute exactly (SPEC.md 7.3) unless ``exact`` is False (the float path everywhere, for
+    comparisons)."""
     mbz = source if isinstance(source, MbzFile) else read_mbz(source, limits)
     check_runnable(mbz, limits)
+    graph = mbz.metadata["graph"]
+    plan = exact_layers(graph, mbz.tensors) if exact else None
     params = {name: tensor.decode() for name, tensor in mbz.tensors.items()}
-    return Program(mbz.metadata["graph"], params, mbz.metadata["preprocess"], limits)
+    return Program(graph, params, mbz.metadata["preprocess"], limits, plan)
 
 
 def check_runnable(
@@ -238,8 +256,9 @@ def _channel_floats(
     return np.array([check(v, f"preprocess: each {key}") for v in values], dtype=F32)
 
 
-def _compile(graph: dict, params: dict[str, np.ndarray]) -> list[Step]:
-    """Steps in graph order, with in-place and free decisions from each value's last reader."""
+def _compile(graph: dict, params: dict[str, np.ndarray], exact: Plan | None) -> list[Step]:
+    """Steps in graph order, with in-place and free decisions from each value's last reader;
+    ``exact`` as in ``Program``."""
     nodes = _fuse(graph)
     coded = {node["output"] for node in nodes if _quantizes(node)}
     last_use: dict[str, int] = {}
@@ -252,7 +271,10 @@ def _compile(graph: dict, params: dict[str, np.ndarray]) -> list[Step]:
         frees.setdefault(index, []).append(name)
     steps = []
     for index, node in enumerate(nodes):
-        kernel, reads_codes = _kernel(node, params)
+        plan = None if exact is None else exact.get(node["name"])
+        pooled_codes = exact is not None and node["op"] in CODES_POOLING
+        pooled_codes = pooled_codes and node["inputs"][0] in coded
+        kernel, reads_codes = _kernel(node, params, plan, pooled_codes)
         steps.append(
             Step(
                 name=node["name"],
@@ -262,6 +284,7 @@ def _compile(graph: dict, params: dict[str, np.ndarray]) -> list[Step]:
                 in_place=_can_run_in_place(node, index, last_use, graph["input"], coded),
                 frees=tuple(frees.get(index, ())),
                 reads_codes=reads_codes,
+                integer_input=plan is not None,
             )
         )
     return steps
@@ -315,24 +338,56 @@ def _can_run_in_place(
     return first in coded or last_use.get(first) == index
 
 
-def _kernel(node: dict, params: dict[str, np.ndarray]) -> tuple[Kernel, bool]:
-    """The node's kernel, and whether it reads codes as they are."""
-    weights = {role: np.asarray(params[name], dtype=F32) for role, name in node["params"].items()}
+def _kernel(
+    node: dict, params: dict[str, np.ndarray], plan: ExactLayer | None, pooled_codes: bool
+) -> tuple[Kernel, bool]:
+    """The node's kernel, and whether it reads codes as they are: exact with a ``plan``, and
+    pooling of codes when ``pooled_codes`` (SPEC.md 7.3)."""
     attrs = dict(node["attrs"])
     quantize = attrs.pop("quantize", None)
-    kernel = KERNEL_BUILDERS[node["op"]](weights, attrs)
+    if plan is not None:
+        kernel = _exact_kernel(node["op"], plan, attrs)
+    elif pooled_codes:
+        kernel = CODES_POOLING[node["op"]]({}, attrs)
+    else:
+        weights = {role: np.asarray(params[name], F32) for role, name in node["params"].items()}
+        kernel = KERNEL_BUILDERS[node["op"]](weights, attrs)
     blocked = getattr(kernel, "func", None) in BLOCK_CODED
     if quantize is not None and blocked:
         kernel = partial(kernel, quant=_code_attrs(quantize))
     elif quantize is not None:
         kernel = partial(_then_encode, kernel, _code_attrs(quantize))
-    return kernel, blocked
+    return kernel, blocked or pooled_codes
+
+
+def _exact_kernel(op: Op, plan: ExactLayer, attrs: dict) -> Kernel:
+    """The float kernel of a conv2d/linear on the plan's integer weight (as float32, exact),
+    with its epilogue multiplier, summing exactly: in float32 chunks (``_chunk_terms``), or for
+    a depthwise convolution whose sums could reach ``2**24``, in float64."""
+    weights = {"weight": plan.weight.astype(F32), "bias": plan.bias}
+    kernel = cast(partial, KERNEL_BUILDERS[op](weights, attrs))
+    extra: dict[str, Any] = {"multiplier": plan.multiplier}
+    if kernel.func is not kernels.conv_depthwise:
+        extra["chunk"] = _chunk_terms(plan)
+    elif not plan.float32_exact:
+        extra["weight"] = kernel.keywords["weight"].astype(np.float64)
+    return partial(kernel, **extra)
+
+
+def _chunk_terms(plan: ExactLayer) -> int | None:
+    """Terms per float32 partial product of an exact reduction that could reach ``2**24``
+    (None: one float32 reduction): ``chunk_channels()`` input channels with all their kernel
+    taps, fewer when one channel's terms alone could reach it (a kernel of hundreds of taps)."""
+    if plan.float32_exact:
+        return None
+    taps = plan.fan_in // plan.weight.shape[1]
+    return min(plan.chunk_channels() * taps, (FLOAT32_EXACT - 1) // (plan.bound // plan.fan_in))
 
 
 def _then_encode(
     kernel: Kernel,
     code: dict,
-    *args: np.ndarray,
+    *args: Value,
     pool: BufferPool,
     out: np.ndarray | None = None,
 ) -> Codes:
@@ -403,4 +458,9 @@ KERNEL_BUILDERS: dict[Op, Callable[[dict[str, np.ndarray], dict], Kernel]] = {
     Op.GLOBAL_AVGPOOL: _plain(kernels.global_avgpool),
     Op.FLATTEN: _plain(kernels.flatten),
     Op.QUANTIZE: _quantize_kernel,
+}
+# Pooling whose input is codes: exact integer sums (given an exact plan).
+CODES_POOLING: dict[Op, Callable[[dict[str, np.ndarray], dict], Kernel]] = {
+    Op.AVGPOOL2D: _pool_kernel(kernels.avgpool2d_codes),
+    Op.GLOBAL_AVGPOOL: _plain(kernels.global_avgpool_codes),
 }

@@ -9,17 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from mbz.format import read_mbz
+from mbz.format import DenseTensor, UniformTensor, read_mbz
 from mbz.onnx.export import export_onnx
 from mbz.onnx.session import OnnxProgram
-from mbz.runtime import load_program
+from mbz.runtime import Program, load_program
 from mbz.runtime.codes import encode, quantize
+from mbz.runtime.exact import exact_layers
 from mbz.torch_graph import GraphModule, image_batches
 from tests.helpers import (
     invoke,
     narrow_mobilenet,
     recalibrate_batchnorm,
     save_mbz_checkpoint,
+    sqnr_db,
 )
 
 F32 = np.float32
@@ -139,3 +141,188 @@ def test_rounding_boundaries_give_the_same_codes_in_numpy_and_torch(scale, zero_
     assert numpy_values.tobytes() == torch_values.tobytes()
     if bits == 8:  # one code per byte: the stored codes themselves
         assert np.array_equal(codes.data, numpy_codes.astype(np.uint8))
+
+
+# ------------------------------------------------------------------ the numpy runtime's exact path
+
+ACT_SCALE = 2.0**-4  # a power of two: the input x = (q - z) * scale quantizes back to q exactly
+
+
+def layer_node(name: str, op: str, source: str, **attrs) -> dict:
+    """A graph node whose output value is named like the node (weight and bias when it has
+    ``{name}.weight``/``{name}.bias`` tensors: conv2d and linear)."""
+    params = {"weight": f"{name}.weight", "bias": f"{name}.bias"}
+    return {"name": name, "op": op, "inputs": [source], "output": name,
+            "params": params if op in ("conv2d", "linear") else {}, "attrs": attrs}
+
+
+def conv_attrs(stride: int = 1, padding: int = 0, groups: int = 1) -> dict:
+    return {"stride": [stride] * 2, "padding": [padding] * 2, "dilation": [1, 1], "groups": groups}
+
+
+def quantize_node(name: str, source: str, zero_point: int, scale: float = ACT_SCALE) -> dict:
+    return layer_node(name, "quantize", source, bits=8, scale=scale, zero_point=zero_point)
+
+
+def uniform_layer(name: str, shape: tuple[int, ...], low: int, seed: int) -> dict:
+    """``{name}.weight``: 8-bit uniform codes in [low, 255] with a zero point and float32 scale
+    per output channel; ``{name}.bias``: float32."""
+    rng = np.random.default_rng(seed)
+    out = shape[0]
+    weight = UniformTensor(
+        qdata=rng.integers(low, 256, shape, dtype=np.uint8),
+        scale=rng.uniform(1e-3, 2e-2, out).astype(F32),
+        zero_point=rng.integers(0, 3, out).astype(np.uint8),
+        bits=8,
+        axis=0,
+    )
+    bias = DenseTensor(rng.normal(0, 1, out).astype(F32))
+    return {f"{name}.weight": weight, f"{name}.bias": bias}
+
+
+def run_exact(nodes: list[dict], tensors: dict, codes: np.ndarray, zero_point: int) -> np.ndarray:
+    """The graph ``input -> nodes`` run by the numpy runtime with its exact plan, on the input
+    whose first quantize gives ``codes`` [N, C, H, W] with ``zero_point``."""
+    graph = {"input": "input", "input_shape": list(codes.shape[1:]),
+             "output": nodes[-1]["output"], "nodes": nodes}
+    channels = codes.shape[1]
+    preprocess = {"layout": "NHWC", "dtype": "uint8", "mean": [0.0] * channels,
+                  "std": [1.0] * channels}
+    params = {name: tensor.decode() for name, tensor in tensors.items()}
+    plan = exact_layers(graph, tensors)
+    program = Program(graph, params, preprocess, exact=plan)
+    x = ((codes.astype(F32) - F32(zero_point)) * F32(ACT_SCALE)).astype(F32)
+    return program.run(x)
+
+
+def integer_weight_of(tensor: UniformTensor) -> np.ndarray:
+    view = (-1,) + (1,) * (tensor.qdata.ndim - 1)
+    return tensor.qdata.astype(np.int64) - tensor.zero_point.astype(np.int64).reshape(view)
+
+
+def reference_conv(a: np.ndarray, w: np.ndarray, stride: int, padding: int, groups: int):
+    """The int64 convolution of a [N, C, H, W] by w [O, C/groups, kH, kW] (zero padding)."""
+    n, _, h, width = a.shape
+    out_channels, per_group, kh, kw = w.shape
+    padded = np.pad(a, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (width + 2 * padding - kw) // stride + 1
+    out = np.zeros((n, out_channels, ho, wo), np.int64)
+    per_out = out_channels // groups
+    for i in range(kh):
+        for j in range(kw):
+            patch = padded[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride]
+            for g in range(groups):
+                inputs = patch[:, g * per_group : (g + 1) * per_group]
+                taps = w[g * per_out : (g + 1) * per_out, :, i, j]
+                out[:, g * per_out : (g + 1) * per_out] += np.einsum("nchw,oc->nohw", inputs, taps)
+    return out
+
+
+def reference_epilogue(acc: np.ndarray, tensors: dict, name: str, channel_axis: int) -> np.ndarray:
+    """``float32(acc) * (float32(s_a) * float32(s_w[c])) + bias[c]``, one float32 op at a time."""
+    weight, bias = tensors[f"{name}.weight"], tensors[f"{name}.bias"].values
+    view = [1] * acc.ndim
+    view[channel_axis] = -1
+    multiplier = (F32(ACT_SCALE) * weight.scale).astype(F32).reshape(view)
+    y = acc.astype(np.float64).astype(F32)  # exact integer -> float32, round half even
+    y = (y * multiplier).astype(F32)
+    return (y + bias.reshape(view)).astype(F32)
+
+
+@pytest.mark.parametrize(
+    ("channels", "out", "kernel", "stride", "padding", "groups", "low", "beyond_float32"),
+    [
+        (64, 8, 3, 1, 1, 1, 200, True),  # bound 255 * 255 * 576 = 37.5M > 2^24: chunks
+        (80, 12, 3, 2, 1, 2, 200, True),  # grouped, strided
+        (400, 16, 1, 1, 0, 1, 200, True),  # pointwise over 400 channels
+        (400, 16, 1, 2, 0, 1, 200, True),  # strided pointwise
+        (40, 16, 1, 1, 0, 1, 0, False),  # pointwise within the float32 bound
+        (24, 24, 3, 1, 1, 24, 0, False),  # depthwise 3x3
+        (6, 6, 21, 1, 2, 6, 200, True),  # depthwise 21x21: one channel's sum exceeds 2^24
+    ],
+)
+def test_numpy_exact_conv_equals_an_integer_reference(
+    channels, out, kernel, stride, padding, groups, low, beyond_float32
+):
+    tensors = uniform_layer("conv", (out, channels // groups, kernel, kernel), low, seed=channels)
+    size = max(9, kernel)
+    codes = np.random.default_rng(out).integers(low, 256, (3, channels, size, size))
+    nodes = [quantize_node("q", "input", 0), layer_node("conv", "conv2d", "q", **conv_attrs(
+        stride, padding, groups)), layer_node("flat", "flatten", "conv")]
+    (plan,) = exact_layers({"nodes": nodes}, tensors).values()
+    assert plan.float32_exact != beyond_float32
+    acc = reference_conv(codes, integer_weight_of(tensors["conv.weight"]), stride, padding, groups)
+    if beyond_float32:  # the reference's sums exceed what one float32 reduction holds
+        assert np.abs(acc).max() >= 2**24
+    expected = reference_epilogue(acc, tensors, "conv", channel_axis=1)
+    got = run_exact(nodes, tensors, codes, zero_point=0).reshape(expected.shape)
+    assert got.tobytes() == expected.tobytes()
+
+
+def test_numpy_exact_linear_and_fused_quantize_equal_an_integer_reference():
+    features, zero_point = 1280, 117
+    tensors = uniform_layer("fc", (10, features), 0, seed=5)
+    codes = np.random.default_rng(6).integers(0, 256, (4, features, 1, 1))
+    out_scale = float(F32(0.05))
+    nodes = [layer_node("flat", "flatten", "input"), quantize_node("q", "flat", zero_point),
+             layer_node("fc", "linear", "q"), quantize_node("out", "fc", 100, out_scale)]
+    (plan,) = exact_layers({"nodes": nodes}, tensors).values()
+    assert not plan.float32_exact  # bound 138 * 255 * 1280 = 45M: float32 chunks
+    acc = (codes[:, :, 0, 0] - zero_point) @ integer_weight_of(tensors["fc.weight"]).T
+    y = reference_epilogue(acc, tensors, "fc", channel_axis=1)
+    q = np.clip(np.rint(y * (F32(1) / F32(out_scale))) + F32(100), F32(0), F32(255))
+    expected = ((q - F32(100)) * F32(out_scale)).astype(F32)
+    got = run_exact(nodes, tensors, codes, zero_point)
+    assert got.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("op", ["avgpool2d", "global_avgpool"])
+def test_numpy_pooling_of_codes_is_an_integer_sum_times_scale_over_window(op):
+    zero_point, scale = 37, float(F32(0.0371))
+    codes = np.random.default_rng(7).integers(0, 256, (2, 5, 7, 7))
+    attrs = {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1]} if op == "avgpool2d" else {}
+    nodes = [quantize_node("q", "input", zero_point, scale), layer_node("pool", op, "q", **attrs),
+             layer_node("flat", "flatten", "pool")]
+    integers = codes - zero_point
+    if op == "avgpool2d":  # padding counts as 0, and in the divisor
+        padded = np.pad(integers, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        sums = sum(padded[:, :, i : i + 7 : 2, j : j + 7 : 2] for i in range(3) for j in range(3))
+        window = 9
+    else:
+        sums, window = integers.sum(axis=(2, 3)), 49
+    expected = (sums.astype(F32) * F32(scale)) / F32(window)
+    # x = (q - z) * scale quantizes back to q (x * float32(1 / scale) is within 1e-6 of q - z)
+    x = ((codes.astype(F32) - F32(zero_point)) * F32(scale)).astype(F32)
+    graph = {"input": "input", "input_shape": [5, 7, 7], "output": "flat", "nodes": nodes}
+    preprocess = {"layout": "NHWC", "dtype": "uint8", "mean": [0.0] * 5, "std": [1.0] * 5}
+    got = Program(graph, {}, preprocess, exact={}).run(x)
+    assert got.tobytes() == expected.astype(F32).reshape(got.shape).tobytes()
+
+
+@pytest.fixture(scope="module")
+def uniform_packed(packed, tmp_path_factory):
+    """A .mbz with uniform 4-bit weights and 8-bit activations (exact layers) of the same model."""
+    _, data = packed
+    out = tmp_path_factory.mktemp("exact_uniform") / "u4a8.mbz"
+    model = data.parent / "model.pt"
+    invoke("pack", model, "--method", "uniform", "--bits", "conv=4,fc=4", "--act-bits", 8,
+           "--calib", "min-max", "--data", data, "-o", out)
+    return out, data
+
+
+@pytest.mark.slow
+def test_numpy_exact_path_is_the_float_path_rounded_differently(uniform_packed):
+    path, data = uniform_packed
+    mbz = read_mbz(path)
+    plan = exact_layers(mbz.metadata["graph"], mbz.tensors)
+    assert len(plan) >= 10  # the convs that read codes, with their integer weights
+    images = np.load(data)["x_test"]
+    exact, previous = load_program(path), load_program(path, exact=False)
+    assert exact.exact and not previous.exact
+    logits, float_logits = exact.predict(images), previous.predict(images)
+    # an image where no code lands within rounding of a boundary keeps its logits to float32
+    # rounding; a code that flips spreads through this random network, but not far
+    per_image = np.abs(logits - float_logits).max(axis=1) / np.abs(float_logits).max()
+    assert np.median(per_image) < 1e-5
+    assert sqnr_db(float_logits, logits) > 15
+    assert np.mean(logits.argmax(1) == float_logits.argmax(1)) >= 0.9
