@@ -146,6 +146,16 @@ ENCODING_KEYS: dict[Encoding, tuple[str, ...]] = {
     Encoding.INT_CODEBOOK: ("axis", "bits", "entropy", "k"),
 }
 CSR_KEYS = ("csr_bits", "csr_entries")
+# Lean side information (SPEC.md 3.1, since 1.3): optional keys, written only when the compact
+# form is used, each allowed for the encodings listed.
+LEAN_SINCE_MINOR = 3
+SCALE_DTYPE_KEY = "scale_dtype"  # "f16": uniform scales stored as binary16
+COMMON_ZERO_POINT_KEY = "common_zero_point"  # every channel's zero point; no zero_point part
+CODE_LENGTH_BITS_KEY = "code_length_bits"  # Huffman code lengths packed at this many bits
+MAX_CODE_LENGTH_BITS = 5  # enough for MAX_HUFFMAN_CODE_LENGTH
+LEAN_KEYS: dict[Encoding, tuple[str, ...]] = {
+    e: (CODE_LENGTH_BITS_KEY,) if "entropy" in ENCODING_KEYS[e] else () for e in Encoding
+} | {Encoding.UNIFORM: (CODE_LENGTH_BITS_KEY, COMMON_ZERO_POINT_KEY, SCALE_DTYPE_KEY)}
 
 # Part names, in the order they appear in a tensor section (SPEC.md section 3).
 PART_VALUES = "values"

@@ -24,6 +24,7 @@ from .constants import (
     HEADER_SIZE,
     KIND_SINCE_MINOR,
     KNOWN_FLAGS,
+    LEAN_SINCE_MINOR,
     MAGIC,
     MAX_ALIGNMENT,
     MAX_METADATA_BYTES,
@@ -132,7 +133,7 @@ def encode_mbz(
         descriptor, body = encode_tensor(name, tensor, index)
         table[name] = descriptor.to_json()
         bodies.append(body)
-        minor = max(minor, ENCODING_SINCE_MINOR[descriptor.encoding])
+        minor = max(minor, _since_minor(descriptor))
     meta = canonical_json({**metadata, TENSORS_KEY: table})
     if len(meta) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata is {len(meta)} bytes, above the {MAX_METADATA_BYTES} limit")
@@ -141,6 +142,12 @@ def encode_mbz(
         meta, kind = zlib.compress(meta, METADATA_ZLIB_LEVEL), SectionKind.METADATA_ZLIB
     kinds = [kind] + [SectionKind.TENSOR] * len(bodies)
     return assemble(kinds, [meta, *bodies], alignment, minor)
+
+
+def _since_minor(desc: Descriptor) -> int:
+    """The lowest minor version that defines a descriptor's encoding and keys."""
+    lean = LEAN_SINCE_MINOR if desc.lean_keys() else 0
+    return max(ENCODING_SINCE_MINOR[desc.encoding], lean)
 
 
 def encode_tensor(name: str, tensor: Tensor, section: int) -> tuple[Descriptor, bytes]:
@@ -373,6 +380,11 @@ def _descriptors(metadata: dict, entries: list[_Entry], minor: int) -> dict[str,
             raise MbzFormatError(
                 f"tensor {name!r}: encoding {ENCODING_NAMES[desc.encoding]!r} needs version "
                 f"1.{ENCODING_SINCE_MINOR[desc.encoding]} or newer, the file says 1.{minor}"
+            )
+        if desc.lean_keys() and LEAN_SINCE_MINOR > minor:
+            raise MbzFormatError(
+                f"tensor {name!r}: key(s) {list(desc.lean_keys())} need version "
+                f"1.{LEAN_SINCE_MINOR} or newer, the file says 1.{minor}"
             )
         if desc.section >= len(entries) or entries[desc.section].kind != SectionKind.TENSOR:
             raise MbzFormatError(f"tensor {name!r}: section {desc.section} is not a tensor section")

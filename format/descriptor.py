@@ -8,12 +8,16 @@ from typing import Literal
 
 from .checks import is_utf8
 from .constants import (
+    CODE_LENGTH_BITS_KEY,
+    COMMON_ZERO_POINT_KEY,
     CSR_KEYS,
     DESCRIPTOR_KEYS,
     ENCODING_KEYS,
     ENCODING_NAMES,
     ENTROPY_NAMES,
+    LEAN_KEYS,
     MAX_BITS,
+    MAX_CODE_LENGTH_BITS,
     MAX_CODEBOOK,
     MAX_CSR_BITS,
     MAX_DECLARED_INT,
@@ -22,6 +26,7 @@ from .constants import (
     MAX_RANK,
     MIN_BITS,
     MIN_CSR_BITS,
+    SCALE_DTYPE_KEY,
     SPARSITY_NAMES,
     Encoding,
     Entropy,
@@ -52,6 +57,9 @@ class Descriptor:
     entropy: Entropy | None = None
     csr_bits: int | None = None
     csr_entries: int | None = None
+    scale_dtype: str | None = None  # since 1.3, uniform: "f16" (binary16 scales), None: f32
+    common_zero_point: int | None = None  # since 1.3, uniform: every channel's zero point
+    code_length_bits: int | None = None  # since 1.3, Huffman: packed width of the code lengths
 
     @property
     def count(self) -> int:
@@ -68,7 +76,12 @@ class Descriptor:
     def keys(self) -> tuple[str, ...]:
         """The exact set of JSON keys this descriptor has."""
         csr = CSR_KEYS if self.sparsity == Sparsity.CSR else ()
-        return tuple(sorted(DESCRIPTOR_KEYS + ENCODING_KEYS[self.encoding] + csr))
+        keys = DESCRIPTOR_KEYS + ENCODING_KEYS[self.encoding] + csr + self.lean_keys()
+        return tuple(sorted(keys))
+
+    def lean_keys(self) -> tuple[str, ...]:
+        """The optional keys of lean side information (since 1.3) this descriptor has."""
+        return tuple(key for key in LEAN_KEYS[self.encoding] if getattr(self, key) is not None)
 
     def to_json(self) -> dict:
         """The JSON object written into metadata["tensors"][name]."""
@@ -85,6 +98,9 @@ class Descriptor:
             "entropy": None if self.entropy is None else ENTROPY_NAMES[self.entropy],
             "csr_bits": self.csr_bits,
             "csr_entries": self.csr_entries,
+            SCALE_DTYPE_KEY: self.scale_dtype,
+            COMMON_ZERO_POINT_KEY: self.common_zero_point,
+            CODE_LENGTH_BITS_KEY: self.code_length_bits,
         }
         return {key: full[key] for key in self.keys()}
 
@@ -110,8 +126,9 @@ def parse_descriptor(name: str, obj: object, strict: bool) -> Descriptor:
         nnz=_int(obj, "nnz", 0, math.prod(shape), where),
         parts=_parts(obj, where),
     )
-    _check_keys(obj, desc.keys(), strict, where)
-    desc = _with_encoding_fields(desc, obj, where)
+    lean = tuple(key for key in LEAN_KEYS[encoding] if key in obj)
+    _check_keys(obj, desc.keys() + lean, strict, where)
+    desc = _with_lean_fields(_with_encoding_fields(desc, obj, where), obj, lean, where)
     if sparsity == Sparsity.NONE and desc.nnz != desc.count:
         raise MbzFormatError(f"{where}: sparsity none needs nnz == {desc.count}, got {desc.nnz}")
     if sparsity == Sparsity.CSR:
@@ -135,6 +152,24 @@ def _with_encoding_fields(desc: Descriptor, obj: dict, where: str) -> Descriptor
     if axis is not None or desc.encoding in CHANNEL_CODEBOOKS:
         axis = _int(obj, "axis", 0, len(desc.shape) - 1, where)
     return _replace(desc, bits=bits, entropy=entropy, k=k, axis=axis)
+
+
+def _with_lean_fields(
+    desc: Descriptor, obj: dict, lean: tuple[str, ...], where: str
+) -> Descriptor:
+    """The optional keys of lean side information (SPEC.md 3.1), each checked."""
+    changes: dict[str, object] = {}
+    if SCALE_DTYPE_KEY in lean:
+        changes[SCALE_DTYPE_KEY] = _enum(obj, SCALE_DTYPE_KEY, {"f16": "f16"}, where)
+    if COMMON_ZERO_POINT_KEY in lean:
+        top = 2 ** desc.need("bits") - 1
+        changes[COMMON_ZERO_POINT_KEY] = _int(obj, COMMON_ZERO_POINT_KEY, 0, top, where)
+    if CODE_LENGTH_BITS_KEY in lean:
+        if desc.entropy != Entropy.HUFFMAN:
+            raise MbzFormatError(f"{where}: {CODE_LENGTH_BITS_KEY!r} needs entropy 'huffman'")
+        width = _int(obj, CODE_LENGTH_BITS_KEY, 1, MAX_CODE_LENGTH_BITS, where)
+        changes[CODE_LENGTH_BITS_KEY] = width
+    return _replace(desc, **changes)
 
 
 def _replace(desc: Descriptor, **changes: object) -> Descriptor:

@@ -14,6 +14,8 @@ import numpy as np
 
 from .bits import pack_bits, packed_size, unpack_bits
 from .constants import (
+    CODE_LENGTH_BITS_KEY,
+    COMMON_ZERO_POINT_KEY,
     PART_CODE_LENGTHS,
     PART_CODEBOOK,
     PART_INDICES,
@@ -21,6 +23,7 @@ from .constants import (
     PART_SCALE,
     PART_VALUES,
     PART_ZERO_POINT,
+    SCALE_DTYPE_KEY,
     Encoding,
     Entropy,
 )
@@ -71,11 +74,11 @@ class CodebookCodec:
 
     def encode(self, tensor: CodebookTensor, keep: np.ndarray | None) -> tuple[dict, Parts]:
         """Descriptor fields and parts of a codebook tensor."""
-        entropy, stream = encode_stream(
-            _kept(tensor.indices, keep), tensor.bits, tensor.entropy, PART_INDICES
+        coded, stream = encode_stream(
+            _kept(tensor.indices, keep), tensor.bits, tensor.entropy, PART_INDICES, tensor.lean
         )
         parts = [(PART_CODEBOOK, tensor.codebook.astype("<f4").tobytes()), *stream]
-        return {"bits": tensor.bits, "k": tensor.codebook.size, "entropy": entropy}, parts
+        return {"bits": tensor.bits, "k": tensor.codebook.size, **coded}, parts
 
     def part_sizes(self, desc: Descriptor) -> PartSizes:
         """The parts a descriptor implies, with their exact lengths."""
@@ -93,42 +96,52 @@ class CodebookCodec:
             bits=desc.need("bits"),
             mask=_full_mask(desc, keep),
             entropy=desc.entropy,
+            lean=bool(desc.lean_keys()),
         )
 
 
 @dataclass(frozen=True)
 class UniformCodec:
-    """uniform: C float32 scales, C uint8 zero points, then the code stream."""
+    """uniform: C scales (float32, or float16 when lean and exact), C uint8 zero points (or,
+    when lean and all equal, one in the descriptor), then the code stream."""
 
     encoding: Encoding = Encoding.UNIFORM
 
     def encode(self, tensor: UniformTensor, keep: np.ndarray | None) -> tuple[dict, Parts]:
         """Descriptor fields and parts of a uniform tensor."""
-        entropy, stream = encode_stream(
-            _kept(tensor.qdata, keep), tensor.bits, tensor.entropy, PART_QDATA
+        coded, stream = encode_stream(
+            _kept(tensor.qdata, keep), tensor.bits, tensor.entropy, PART_QDATA, tensor.lean
         )
-        parts = [
-            (PART_SCALE, tensor.scale.astype("<f4").tobytes()),
-            (PART_ZERO_POINT, tensor.zero_point.tobytes()),
-            *stream,
-        ]
-        return {"bits": tensor.bits, "axis": tensor.axis, "entropy": entropy}, parts
+        fields: dict = {"bits": tensor.bits, "axis": tensor.axis, **coded}
+        half = tensor.scale.astype("<f2")
+        if tensor.lean and np.array_equal(half.astype(np.float32), tensor.scale):
+            fields[SCALE_DTYPE_KEY], parts = "f16", [(PART_SCALE, half.tobytes())]
+        else:
+            parts = [(PART_SCALE, tensor.scale.astype("<f4").tobytes())]
+        common = np.unique(tensor.zero_point)
+        if tensor.lean and common.size == 1:
+            fields[COMMON_ZERO_POINT_KEY] = int(common[0])
+        else:
+            parts.append((PART_ZERO_POINT, tensor.zero_point.tobytes()))
+        return fields, [*parts, *stream]
 
     def part_sizes(self, desc: Descriptor) -> PartSizes:
         """The parts a descriptor implies, with their exact lengths."""
         channels = _channels(desc)
-        return [
-            (PART_SCALE, 4 * channels),
-            (PART_ZERO_POINT, channels),
-            *stream_sizes(desc, PART_QDATA),
-        ]
+        scale = [(PART_SCALE, (2 if desc.scale_dtype else 4) * channels)]
+        zero_point = [(PART_ZERO_POINT, channels)] if desc.common_zero_point is None else []
+        return [*scale, *zero_point, *stream_sizes(desc, PART_QDATA)]
 
     def decode(self, desc: Descriptor, parts: dict, keep: np.ndarray | None) -> UniformTensor:
         """Rebuild the tensor from its parts."""
-        scale = np.frombuffer(parts[PART_SCALE], "<f4").astype(np.float32)
+        dtype = "<f2" if desc.scale_dtype else "<f4"
+        scale = np.frombuffer(parts[PART_SCALE], dtype).astype(np.float32)
         if not (np.isfinite(scale) & (scale > 0)).all():
             raise MbzFormatError("a scale is not finite and > 0")
-        zero_point = np.frombuffer(parts[PART_ZERO_POINT], np.uint8).copy()
+        if desc.common_zero_point is None:
+            zero_point = np.frombuffer(parts[PART_ZERO_POINT], np.uint8).copy()
+        else:
+            zero_point = np.full(_channels(desc), desc.common_zero_point, np.uint8)
         bits = desc.need("bits")
         if zero_point.max(initial=0) >= 2**bits:
             raise MbzFormatError(f"a zero point is >= 2**bits = {2**bits}")
@@ -141,6 +154,7 @@ class UniformCodec:
             axis=desc.axis,
             mask=_full_mask(desc, keep),
             entropy=desc.entropy,
+            lean=bool(desc.lean_keys()),
         )
 
 
@@ -151,12 +165,12 @@ class ChannelCodebookCodec:
 
     encoding: Encoding
     dtype: str  # the centroids' little-endian numpy dtype
-    tensor_type: type[ChannelCodebookTensor]
+    tensor_type: type[ScaledCodebookTensor] | type[IntCodebookTensor]
 
     def encode(self, tensor: ChannelCodebookTensor, keep: np.ndarray | None) -> tuple[dict, Parts]:
         """Descriptor fields and parts of a per-channel scaled codebook tensor."""
-        entropy, stream = encode_stream(
-            _kept(tensor.indices, keep), tensor.bits, tensor.entropy, PART_INDICES
+        coded, stream = encode_stream(
+            _kept(tensor.indices, keep), tensor.bits, tensor.entropy, PART_INDICES, tensor.lean
         )
         parts = [
             (PART_SCALE, tensor.scale.astype("<f2").tobytes()),
@@ -164,7 +178,7 @@ class ChannelCodebookCodec:
             *stream,
         ]
         fields = {"bits": tensor.bits, "k": tensor.codebook.size, "axis": tensor.axis}
-        return {**fields, "entropy": entropy}, parts
+        return {**fields, **coded}, parts
 
     def part_sizes(self, desc: Descriptor) -> PartSizes:
         """The parts a descriptor implies, with their exact lengths."""
@@ -176,7 +190,7 @@ class ChannelCodebookCodec:
 
     def decode(
         self, desc: Descriptor, parts: dict, keep: np.ndarray | None
-    ) -> ChannelCodebookTensor:
+    ) -> ScaledCodebookTensor | IntCodebookTensor:
         """Rebuild the tensor from its parts."""
         scale = np.frombuffer(parts[PART_SCALE], "<f2").astype(np.float16)
         if not (np.isfinite(scale) & (scale > 0)).all():
@@ -193,6 +207,7 @@ class ChannelCodebookCodec:
             axis=desc.axis if desc.axis is not None else 0,
             mask=_full_mask(desc, keep),
             entropy=desc.entropy,
+            lean=bool(desc.lean_keys()),
         )
 
 
@@ -236,24 +251,31 @@ def encoding_of(tensor: Tensor) -> Encoding:
 
 
 def encode_stream(
-    values: np.ndarray, bits: int, entropy: Entropy | None, part: str
-) -> tuple[Entropy, Parts]:
-    """An index stream as parts: fixed-width, Huffman, or (entropy None) whichever is smaller."""
+    values: np.ndarray, bits: int, entropy: Entropy | None, part: str, lean: bool = False
+) -> tuple[dict, Parts]:
+    """An index stream as its descriptor fields and parts: fixed-width, Huffman, or (entropy
+    None) whichever is smaller. ``lean``: the code lengths packed as narrow as they fit."""
     fixed = [(part, pack_bits(values, bits))]
     if entropy == Entropy.FIXED:
-        return Entropy.FIXED, fixed
+        return {"entropy": Entropy.FIXED}, fixed
     lengths = code_lengths(values, 2**bits)
-    coded = [(PART_CODE_LENGTHS, lengths.tobytes()), (part, huffman_encode(values, lengths))]
+    fields: dict = {"entropy": Entropy.HUFFMAN}
+    table = lengths.tobytes()
+    if lean:
+        width = max(1, int(lengths.max(initial=0)).bit_length())
+        fields[CODE_LENGTH_BITS_KEY], table = width, pack_bits(lengths, width)
+    coded = [(PART_CODE_LENGTHS, table), (part, huffman_encode(values, lengths))]
     if entropy is None and _size(fixed) <= _size(coded):
-        return Entropy.FIXED, fixed
-    return Entropy.HUFFMAN, coded
+        return {"entropy": Entropy.FIXED}, fixed
+    return fields, coded
 
 
 def stream_sizes(desc: Descriptor, part: str) -> PartSizes:
     """The parts of an index stream (a Huffman stream's length is variable)."""
+    bits = desc.need("bits")
     if desc.entropy == Entropy.FIXED:
-        return [(part, packed_size(desc.nnz, desc.need("bits")))]
-    return [(PART_CODE_LENGTHS, 2 ** desc.need("bits")), (part, None)]
+        return [(part, packed_size(desc.nnz, bits))]
+    return [(PART_CODE_LENGTHS, packed_size(2**bits, desc.code_length_bits or 8)), (part, None)]
 
 
 def decode_stream(desc: Descriptor, parts: dict, part: str, alphabet: int) -> np.ndarray:
@@ -261,7 +283,8 @@ def decode_stream(desc: Descriptor, parts: dict, part: str, alphabet: int) -> np
     if desc.entropy == Entropy.FIXED:
         values = unpack_bits(parts[part], desc.nnz, desc.need("bits"))
     else:
-        lengths = np.frombuffer(parts[PART_CODE_LENGTHS], np.uint8)
+        width = desc.code_length_bits or 8
+        lengths = unpack_bits(parts[PART_CODE_LENGTHS], 2 ** desc.need("bits"), width)
         check_lengths(lengths, desc.nnz, alphabet)
         values = huffman_decode(parts[part], lengths, desc.nnz)
     if values.max(initial=0) >= alphabet:

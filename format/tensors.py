@@ -45,6 +45,7 @@ class CodebookTensor:
     bits: int
     mask: np.ndarray | None = None
     entropy: Entropy | None = Entropy.FIXED
+    lean: bool = False  # side information in its compact forms where exact (SPEC.md 3.1, 1.3)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -72,6 +73,7 @@ class UniformTensor:
     axis: int | None = None
     mask: np.ndarray | None = None
     entropy: Entropy | None = Entropy.FIXED
+    lean: bool = False  # side information in its compact forms where exact (SPEC.md 3.1, 1.3)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -87,6 +89,7 @@ class UniformTensor:
         """Raise if this tensor cannot be written."""
         _check_bits(self.bits)
         _check_entropy(self.entropy)
+        _check_lean(self.lean)
         _check_array("qdata", self.qdata, (np.uint8,))
         _check_mask(self.mask, self.shape)
         if self.axis is not None:
@@ -126,6 +129,7 @@ class ChannelCodebookTensor:
     axis: int = 0
     mask: np.ndarray | None = None
     entropy: Entropy | None = Entropy.FIXED
+    lean: bool = False  # side information in its compact forms where exact (SPEC.md 3.1, 1.3)
     codebook_dtype: ClassVar[type] = np.float16
 
     @property
@@ -194,6 +198,11 @@ def _check_entropy(entropy: Entropy | None) -> None:
         raise TypeError(f"entropy must be an Entropy or None, got {entropy!r}")
 
 
+def _check_lean(lean: object) -> None:
+    if not isinstance(lean, bool):
+        raise TypeError(f"lean must be a bool, got {lean!r}")
+
+
 def _check_array(
     name: str, array: object, dtypes: tuple, ndim: int | None = None, shape: tuple | None = None
 ) -> None:
@@ -217,6 +226,7 @@ def _check_indexed(tensor: CodebookTensor | ChannelCodebookTensor, dtype: type) 
     """The checks every codebook tensor shares: bits, entropy, ``dtype`` centroids, indices."""
     _check_bits(tensor.bits)
     _check_entropy(tensor.entropy)
+    _check_lean(tensor.lean)
     _check_array("codebook", tensor.codebook, (dtype,), ndim=1)
     _check_array("indices", tensor.indices, (np.uint8,))
     _check_mask(tensor.mask, tensor.shape)

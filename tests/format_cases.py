@@ -129,4 +129,18 @@ def golden_cases() -> dict[str, tuple[dict, dict]]:
             },
             {"w": [0.5, 0, 0, 0, 0, 0, 0, 0, 0, 2.0]},
         ),
+        "uniform_lean_huffman": (
+            {
+                "w": UniformTensor(
+                    np.array([[2, 2, 3, 1], [2, 2, 2, 0]], np.uint8),
+                    np.array([0.5, 0.25], np.float32),
+                    np.array([2, 2], np.uint8),
+                    2,
+                    axis=0,
+                    entropy=Entropy.HUFFMAN,
+                    lean=True,
+                )
+            },
+            {"w": [[0.0, 0.0, 0.5, -0.5], [0.0, 0.0, 0.0, -0.5]]},
+        ),
     }

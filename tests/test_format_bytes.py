@@ -111,6 +111,31 @@ def test_int_codebook_example():
     }
 
 
+def test_lean_uniform_example():
+    # SPEC.md 3.4/3.5 (since 1.3): scale f16 [0.5, 0.25], common zero point 2, Huffman code
+    # lengths [3, 3, 1, 2] packed at 2 bits, codes 2 2 3 1 2 2 2 0.
+    tensors, _ = golden_cases()["uniform_lean_huffman"]
+    data = encode_mbz(GOLDEN_METADATA, tensors, compress_metadata=False)
+    decoded = decode_mbz(data)
+    (info,) = [s for s in decoded.layout.sections if s.name == "w"]
+    assert data[info.offset : info.offset + info.length] == bytes.fromhex("0038 0034 9f 740c")
+    assert decoded.descriptors["w"].to_json() == {
+        "section": 1,
+        "shape": [2, 4],
+        "encoding": "uniform",
+        "sparsity": "none",
+        "nnz": 8,
+        "parts": [["scale", 4], ["code_lengths", 1], ["qdata", 2]],
+        "bits": 2,
+        "axis": 0,
+        "entropy": "huffman",
+        "scale_dtype": "f16",
+        "common_zero_point": 2,
+        "code_length_bits": 2,
+    }
+    assert struct.unpack_from("<HH", data, 8) == (1, 3)  # the lean keys need version 1.3
+
+
 @pytest.mark.parametrize("name", sorted(golden_cases()))
 def test_golden_file_bytes_and_values(name):
     tensors, expected = golden_cases()[name]

@@ -20,6 +20,7 @@ from mbz.format import (
     read_mbz,
     write_mbz,
 )
+from mbz.format.bits import pack_bits
 from mbz.format.constants import VERSION_MINOR
 from mbz.format.container import assemble
 from mbz.format.jsonio import canonical_json
@@ -353,3 +354,64 @@ def test_int_codebook_writer_refuses_float_or_too_many_centroids():
     tensor.codebook = np.arange(5, dtype=np.int8)
     with pytest.raises(ValueError, match="codebook has 5 entries"):
         encode_mbz({}, {"w": tensor})
+
+
+def lean_file(patch_body=None, **changes) -> bytes:
+    """The lean uniform golden file (version 1.3) with descriptor ``changes`` (None deletes a
+    key) and its section replaced by ``patch_body(section)``."""
+    meta, bodies = sections(encode_mbz({}, golden_cases()["uniform_lean_huffman"][0]))
+    desc = meta["tensors"]["w"]
+    desc.update(changes)
+    for key in [key for key, value in changes.items() if value is None]:
+        del desc[key]
+    body = patch_body(bodies[0]) if patch_body else bodies[0]
+    return with_minor(rebuild(meta, [body]), 3)
+
+
+def test_the_lean_file_itself_is_valid():
+    assert decode_mbz(lean_file()).tensors["w"].zero_point.tolist() == [2, 2]
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"scale_dtype": "f8"}, "'scale_dtype' must be one of ['f16']"),
+        ({"scale_dtype": 16}, "'scale_dtype' must be one of ['f16']"),
+        ({"scale_dtype": None}, "part 'scale' is 4 bytes, expected 8"),
+        ({"common_zero_point": 4}, "'common_zero_point' must be an integer in 0..3"),
+        ({"common_zero_point": True}, "'common_zero_point' must be an integer"),
+        ({"common_zero_point": -1}, "'common_zero_point' must be an integer"),
+        ({"common_zero_point": None}, "parts must be ['scale', 'zero_point'"),
+        ({"code_length_bits": 0}, "'code_length_bits' must be an integer in 1..5"),
+        ({"code_length_bits": 6}, "'code_length_bits' must be an integer in 1..5"),
+        ({"code_length_bits": 3}, "part 'code_lengths' is 1 bytes, expected 2"),
+        ({"code_length_bits": None}, "part 'code_lengths' is 1 bytes, expected 4"),
+        ({"entropy": "fixed"}, "'code_length_bits' needs entropy 'huffman'"),
+        ({"encoding": "codebook", "k": 4, "axis": None}, "key(s) ['common_zero_point', 'scale"),
+    ],
+)
+def test_crafted_lean_keys_rejected(changes, fragment):
+    rejects(lean_file(**changes), fragment)
+
+
+def test_lean_keys_need_version_1_3():
+    rejects(with_minor(lean_file(), 2), "need version 1.3")
+
+
+@pytest.mark.parametrize(
+    ("section", "fragment"),
+    [
+        (bytes.fromhex("007c 0034 9f 740c"), "scale"),  # binary16 infinity
+        (bytes.fromhex("0000 0034 9f 740c"), "scale"),  # zero
+        (bytes.fromhex("0038 0034 55 740c"), "Kraft"),  # every length 1
+    ],
+)
+def test_bad_lean_parts_rejected(section, fragment):
+    rejects(lean_file(lambda _: section), fragment)
+
+
+def test_packed_code_length_above_16_rejected():
+    table = pack_bits(np.array([17, 1, 0, 0], np.uint8), 5)  # 5-bit lengths can say 17..31
+    parts = [["scale", 4], ["code_lengths", len(table)], ["qdata", 2]]
+    data = lean_file(lambda b: b[:4] + table + b[5:], code_length_bits=5, parts=parts)
+    rejects(data, "code length above 16")

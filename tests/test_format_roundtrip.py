@@ -101,3 +101,33 @@ def test_huffman_is_chosen_only_when_smaller():
     decoded = decode_mbz(encode_mbz({}, {"s": skewed, "u": uniform}))
     assert decoded.descriptors["s"].entropy == Entropy.HUFFMAN
     assert decoded.descriptors["u"].entropy == Entropy.FIXED
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kind=st.sampled_from(["codebook", "uniform", "scaled_codebook", "int_codebook"]),
+    shape=shapes,
+    bits=st.integers(2, 8),
+    density=densities,
+    entropy=entropies,
+    exact=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_lean_side_information_round_trips_and_is_never_larger(
+    kind, shape, bits, density, entropy, exact, seed
+):
+    tensor = random_tensor(np.random.default_rng(seed), kind, shape, bits, density, entropy, True)
+    if kind == "uniform" and exact:  # float16 scales, one zero point: the compact forms apply
+        tensor.scale = tensor.scale.astype(np.float16).astype(np.float32)
+        tensor.zero_point[:] = tensor.zero_point[0]
+    full = decode_mbz(encode_mbz({}, {"t": tensor})).layout.sections[1].length
+    tensor.lean = True
+    data = encode_mbz({}, {"t": tensor})
+    decoded = decode_mbz(data)
+    back = decoded.tensors["t"]
+    assert np.array_equal(back.decode(), tensor.decode())
+    assert decoded.layout.sections[1].length <= full
+    assert back.lean == bool(decoded.descriptors["t"].lean_keys())
+    assert encode_mbz({}, {"t": back}) == data  # what is read writes back the same bytes
+    if kind == "uniform" and exact:
+        assert {"common_zero_point", "scale_dtype"} <= set(decoded.descriptors["t"].lean_keys())
