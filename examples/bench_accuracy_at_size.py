@@ -5,7 +5,9 @@ model on the same test images, for a grid of settings, with the Pareto front.
 
 MODEL is anything ``mbz pack`` takes (e.g. the output of ``examples/train_torchvision.py``, or an
 ``mbz train`` checkpoint); DATA an ``.npz`` or ``cifar10``. Each row is one ``mbz.pack`` call
-(the Python API ``mbz pack`` runs), so the numbers are those of the files written. It prints a
+(the Python API ``mbz pack`` runs), so the numbers are those of the files written. When
+``nncodec`` is installed (``pip install nncodec``, benchmark only) NNCodec's points at several QP
+values on the same model and images are added (``nncodec_points.py``). It prints a
 Markdown table and saves ``runs/bench_accuracy_at_size.json`` with the command line and versions.
 """
 
@@ -18,11 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+import nncodec_points  # this folder's module (a script's folder is on sys.path)
 import numpy as np
 import torch
 
 import mbz
+from mbz.api import prepare_pack
 from mbz.budget import BudgetError
+from mbz.charts import save, scatter_chart
 
 # name -> pack options (post-training: no fine-tuning)
 SETTINGS: dict[str, dict] = {
@@ -84,7 +89,22 @@ def run(args: argparse.Namespace) -> dict:
         rows.append(row)
         print(f"| {name} | {row['file_bytes']:,} | {row['ratio']:.1f}x | {100 * top1:.2f}% "
               f"| {row['drop_pt']:+.2f} |", flush=True)
+    rows += nncodec_rows(args, common)
     return {"rows": rows, "pareto": pareto(rows), "unreachable": unreachable}
+
+
+def nncodec_rows(args: argparse.Namespace, common: dict) -> list[dict]:
+    """NNCodec's points on the same model and test images (``nncodec_points``), when it is
+    installed and not turned off with ``--no-nncodec``."""
+    if args.no_nncodec or not nncodec_points.available():
+        print("(nncodec is not installed: no NNCodec points; `pip install nncodec`)")
+        return []
+    job = prepare_pack(args.model, args.out / "probe.mbz", **common, bias_correction=False)
+    rows = nncodec_points.points(job, args.qp)
+    for row in rows:
+        print(f"| {row['name']} | {row['file_bytes']:,} | {row['ratio']:.1f}x "
+              f"| {100 * row['top1']:.2f}% | {row['drop_pt']:+.2f} |", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -96,6 +116,9 @@ def main() -> None:
     parser.add_argument("--std", type=lambda s: tuple(map(float, s.split(","))))
     parser.add_argument("--limit", type=int, default=None, help="first N test images")
     parser.add_argument("--only", nargs="*", choices=list(SETTINGS), help="a subset of rows")
+    parser.add_argument("--no-nncodec", action="store_true", help="skip NNCodec's points")
+    parser.add_argument("--qp", type=int, nargs="*", default=list(nncodec_points.DEFAULT_QPS),
+                        help="NNCodec quantization parameters (its default is -32)")
     parser.add_argument("--out", type=Path, default=Path("runs/accuracy_at_size"))
     parser.add_argument("--json", type=Path, default=Path("runs/bench_accuracy_at_size.json"))
     args = parser.parse_args()
@@ -111,6 +134,20 @@ def main() -> None:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1))
+    print(f"saved {args.json} and {', '.join(map(str, chart(report['rows'], args.json)))}")
+
+
+def chart(rows: list[dict], path: Path) -> list[Path]:
+    """Top-1 against kilobytes for mbz's rows and NNCodec's, saved next to ``path`` (PNG)."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for row in rows:
+        name = "NNCodec" if row["name"].startswith("nncodec") else "mbz"
+        xs, ys = series.setdefault(name, ([], []))
+        xs.append(row["file_bytes"] / 1000)
+        ys.append(100 * row["top1"])
+    title = "Post-training accuracy at size (same model, same test images)"
+    figure = scatter_chart(series, title, "file kB", "top-1 %")
+    return save(figure, path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
