@@ -17,6 +17,7 @@ from mbz.format import DEFAULT_LIMITS, Limits, MbzFile, MbzFormatError, SectionI
 from mbz.format.checks import is_int, json_float32, json_int, json_str
 from mbz.format.constants import MAX_ELEMENTS
 from mbz.onnx.export import export_onnx, onnx_bytes
+from mbz.runtime.exact import POOLING_OPS, exact_layers, exact_nodes, integer_weight
 from mbz.runtime.graph import analyze
 from mbz.runtime.program import check_runnable, shape_standins
 
@@ -124,6 +125,10 @@ def describe(path: str | Path, limits: Limits = DEFAULT_LIMITS, onnx: bool = Fal
         for name in by_name
         if name not in claimed
     ]
+    exactness = _exactness(mbz, nodes)
+    for layer in layers:
+        facts = exactness.get(layer["layer"], {})
+        layer.update({key: facts.get(key) for key in ("exact", "accumulator", "bound")})
     totals = {c: sum(r[c] for r in rows) for c in (*CATEGORIES, *_STREAM_KEYS)}
     totals.update(
         metadata=layout.sections[0].length,
@@ -145,10 +150,59 @@ def describe(path: str | Path, limits: Limits = DEFAULT_LIMITS, onnx: bool = Fal
         "accuracy": _accuracy(mbz.metadata),
         "pack_config": mbz.metadata.get("pack_config"),
         "nodes": len(nodes),
+        "exact": _exact_summary(exactness),
         "layers": layers,
         "tensors": rows,
         "totals": totals,
     }
+
+
+def _exactness(mbz: MbzFile, nodes: list[dict]) -> dict[str, dict]:
+    """Per conv2d/linear/pooling node (SPEC.md 7.3): whether every runtime computes it
+    bit-identically; for an exact conv2d/linear, its accumulator (``f32``: one float32 sum,
+    ``f32 chunks``: float32 sums of input-channel chunks added in float64) and the bound on
+    its partial sums; for a node that is not exact, why."""
+    if not nodes:
+        return {}
+    graph = mbz.metadata["graph"]
+    plans, status = exact_layers(graph, mbz.tensors), exact_nodes(graph, mbz.tensors)
+    coded = {node["output"] for node in nodes if node["op"] == "quantize"}
+    facts = {}
+    for node in nodes:
+        if node["name"] not in status:
+            continue
+        plan = plans.get(node["name"])
+        facts[node["name"]] = {
+            "exact": status[node["name"]],
+            "accumulator": None if plan is None else _ACCUMULATORS[plan.float32_exact],
+            "bound": None if plan is None else plan.bound,
+            "why": None if status[node["name"]] else _why_not_exact(mbz, node, coded),
+        }
+    return facts
+
+
+_ACCUMULATORS = {True: "f32", False: "f32 chunks"}  # by ExactLayer.float32_exact
+
+
+def _why_not_exact(mbz: MbzFile, node: dict, coded: set[str]) -> str:
+    """Why a conv2d/linear/pooling node is not exact, in words that complete "N layers ..."."""
+    if node["inputs"][0] not in coded or node["op"] in POOLING_OPS:
+        return "read float values"
+    weight = node["params"]["weight"]
+    if integer_weight(mbz.tensors[weight]) is None:
+        encoding = mbz.descriptors[weight].encoding.name.lower()
+        return f"have {encoding} weights, which have no integer form"
+    return "could reach 2^31 in their accumulator"
+
+
+def _exact_summary(exactness: dict[str, dict]) -> dict:
+    """How many conv2d/linear/pooling nodes there are, whether all are exact, and how many
+    are not, by reason."""
+    reasons: dict[str, int] = {}
+    for facts in exactness.values():
+        if not facts["exact"]:
+            reasons[facts["why"]] = reasons.get(facts["why"], 0) + 1
+    return {"all": bool(exactness) and not reasons, "layers": len(exactness), "not": reasons}
 
 
 def _graph_nodes(mbz: MbzFile, limits: Limits) -> list[dict]:
@@ -229,6 +283,7 @@ def format_report(facts: dict, wide: bool = False) -> str:
         + f", metadata {t['metadata']}, header+table {t['header_and_table']}, "
         f"alignment padding {t['padding']}" + _streams(t),
         _summary(facts),
+        *_exact_line(facts["exact"]),
     ]
     if not wide:
         summary = [textwrap.fill(text, _NARROW, subsequent_indent="  ") for text in summary]
@@ -242,11 +297,11 @@ _KIND_COLUMNS = (
     ("kept", "kept"), ("encoding", "encoding"), ("bits", "bits"), ("k", "k"),
     ("sparse", "sparse"), ("mask_encoding", "mask"),
 )
-_NARROW_COLUMNS = (("shape", "shape"), *_KIND_COLUMNS, ("bytes", "bytes"))
+_NARROW_COLUMNS = (("shape", "shape"), *_KIND_COLUMNS, ("exact", "exact"), ("bytes", "bytes"))
 _WIDE_COLUMNS = (
     ("shapes", "shape before -> after"), *_KIND_COLUMNS,
     ("index_bytes", "index B"), ("entropy_bytes", "H0 B"), *((c, c) for c in CATEGORIES),
-    ("bytes", "total"),
+    ("exact", "exact"), ("bound", "bound"), ("bytes", "total"),
 )
 
 
@@ -264,6 +319,8 @@ def _row_cells(r: dict) -> dict[str, str]:
         "mask_encoding": r["mask_encoding"],
         "bytes": str(r["bytes"]),
     }
+    cells["exact"] = "" if r["exact"] is None else r["accumulator"] or "no"
+    cells["bound"] = "" if r["bound"] is None else str(r["bound"])
     return cells | {c: str(r[c]) for c in (*CATEGORIES, *_STREAM_KEYS)}
 
 
@@ -284,6 +341,21 @@ def _streams(totals: dict) -> str:
         return ""
     excess = f" ({100 * (stored / bound - 1):+.1f}%)" if bound else ""
     return f"; index streams {stored} bytes, order-0 entropy {bound} bytes{excess}"
+
+
+def _exact_line(exact: dict) -> list[str]:
+    """The report's line on exactness (SPEC.md 7.3); none for a file without a graph."""
+    if not exact["layers"]:
+        return []
+    if exact["all"]:
+        return ["all layers exact: numpy, torch and onnx logits are bit-identical (SPEC.md 7.3)"]
+    count = sum(exact["not"].values())
+    why = ", ".join(f"{n} {reason}" for reason, n in exact["not"].items())
+    return [
+        f"{count} of {exact['layers']} conv/linear/pooling layers not exact ({why}): the "
+        "runtimes' logits can differ by float rounding (SPEC.md 7.3; pack with --act-bits and "
+        "uniform or int-codebook weights for bit-identical logits)"
+    ]
 
 
 def _summary(facts: dict) -> str:

@@ -106,8 +106,11 @@ def _run(
     return evaluate_torch(graph, params, preprocess, dataset, progress=progress, exact=plan)
 
 
-def _check(report: Report, tolerance: float, quantized: bool, fingerprint: str) -> None:
-    """Fill ``report.failures`` from the agreement bar and the tolerance, for every pair."""
+def check_report(report: Report, tolerance: float, quantized: bool, fingerprint: str) -> None:
+    """Fill ``report.failures`` for every pair of runtimes: any logit difference when
+    ``report.exact``; the agreement bar (``quantized``: the lower one) and the accuracy
+    ``tolerance``; each accuracy against the stored one when measured on the data whose
+    ``fingerprint`` (``data_fingerprint``) it records."""
     bar = AGREEMENT_QUANT if quantized else AGREEMENT_FLOAT
     for first, other in combinations(report.results, 2):
         pair = f"{first.runtime}/{other.runtime}"
@@ -167,5 +170,5 @@ def verify(
     exact = all_exact(mbz.metadata["graph"], mbz.tensors)
     report = Report(results, stored=mbz.metadata.get("accuracy"), exact=exact)
     quantized = any(node["op"] == "quantize" for node in mbz.metadata["graph"]["nodes"])
-    _check(report, tolerance, quantized, data_fingerprint(dataset))
+    check_report(report, tolerance, quantized, data_fingerprint(dataset))
     return report

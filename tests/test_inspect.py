@@ -123,3 +123,69 @@ def test_huffman_streams_stay_within_a_bit_a_symbol_of_the_entropy(tmp_path):
     bound = math.ceil(-np.sum(counts * np.log2(counts / counts.sum())) / 8)
     codes = row["index_bytes"] - 2**3  # less the code-length table
     assert row["entropy_bytes"] == bound <= codes <= bound + math.ceil(indices.size / 8)
+
+
+def _exactness_file(path: Path) -> Path:
+    """A runnable file whose conv/linear/pooling layers are exact in each way and not exact
+    for each reason: c1 (f32), c2 (f32 chunks: 255 * 255 * 32 * 9 >= 2^24), c3 (reads c2's
+    float output), a global average pool of codes (exact), fc (codebook weights)."""
+    rng = np.random.default_rng(0)
+
+    def node(name, op, source, params=False, **attrs):
+        weights = {"weight": f"{name}.w", "bias": f"{name}.b"} if params else {}
+        return {"name": name, "op": op, "inputs": [source], "output": name, "params": weights,
+                "attrs": attrs}  # fmt: skip
+
+    def conv(name, source, kernel):
+        return node(name, "conv2d", source, True, stride=[1, 1], padding=[kernel // 2] * 2,
+                    dilation=[1, 1], groups=1)  # fmt: skip
+
+    def uniform(shape):
+        codes = np.full(shape, 255, np.uint8)  # |w_int| = 255 everywhere: the bound by hand
+        return UniformTensor(codes, np.full(shape[0], 0.01, np.float32),
+                             np.zeros(shape[0], np.uint8), bits=8, axis=0)  # fmt: skip
+
+    quantize = {"bits": 8, "scale": 0.05, "zero_point": 0}
+    nodes = [
+        node("q0", "quantize", "input", **quantize), conv("c1", "q0", 3),
+        node("r1", "relu", "c1"), node("q1", "quantize", "r1", **quantize), conv("c2", "q1", 3),
+        conv("c3", "c2", 1), node("r3", "relu", "c3"), node("q3", "quantize", "r3", **quantize),
+        node("gap", "global_avgpool", "q3"), node("flat", "flatten", "gap"),
+        node("q4", "quantize", "flat", **quantize), node("fc", "linear", "q4", True),
+    ]  # fmt: skip
+    tensors = {"c1.w": uniform((32, 3, 3, 3)), "c2.w": uniform((8, 32, 3, 3)),
+               "c3.w": uniform((8, 8, 1, 1)),
+               "fc.w": CodebookTensor(np.float32([-1, 1]), rng.integers(0, 2, (10, 8), np.uint8),
+                                      bits=1)}  # fmt: skip
+    for name, out in (("c1", 32), ("c2", 8), ("c3", 8), ("fc", 10)):
+        tensors[f"{name}.b"] = DenseTensor(np.zeros(out, np.float32))
+    graph = {"input": "input", "input_shape": [3, 8, 8], "output": "fc", "nodes": nodes}
+    preprocess = {"layout": "NHWC", "dtype": "uint8", "mean": [0.5] * 3, "std": [0.25] * 3}
+    write_mbz(path, {"graph": graph, "preprocess": preprocess}, tensors)
+    return path
+
+
+def test_exact_column_accumulators_bounds_and_summary(tmp_path):
+    path = _exactness_file(tmp_path / "exact.mbz")
+    facts = describe(path)
+    layers = {row["layer"]: row for row in facts["layers"]}
+    got = {name: (r["exact"], r["accumulator"], r["bound"]) for name, r in layers.items()}
+    assert got == {
+        "c1": (True, "f32", 255 * 255 * 27),
+        "c2": (True, "f32 chunks", 255 * 255 * 288),
+        "c3": (False, None, None),
+        "fc": (False, None, None),
+    }
+    reasons = {"read float values": 1, "have codebook weights, which have no integer form": 1}
+    assert facts["exact"] == {"all": False, "layers": 5, "not": reasons}
+    text = CliRunner().invoke(main, ["inspect", str(path)]).output
+    lines = text.splitlines()
+    assert lines[0].split()[-2:] == ["exact", "bytes"] and max(map(len, lines)) <= 100
+    cells = {line.split()[0]: line.split()[-2] for line in lines[1:5]}
+    assert cells == {"c1": "f32", "c2": "chunks", "c3": "no", "fc": "no"}
+    assert "2 of 5 conv/linear/pooling layers not exact (1 read float values, 1 have codebook" in (
+        " ".join(text.split())
+    )
+    wide = format_report(facts, wide=True).splitlines()
+    assert wide[0].split()[-3:] == ["exact", "bound", "total"]
+    assert f" f32 chunks {255 * 255 * 288} " in wide[2]
