@@ -132,8 +132,8 @@ def runners(output: Path, module: torch.nn.Module, models: dict) -> tuple[dict, 
     program = load_program(output)
     predicts["numpy"] = lambda images: program.predict(images, threads=1)
     mbz = read_mbz(output)
-    params = {name: tensor.decode() for name, tensor in mbz.tensors.items()}
-    predicts["torch fake-quant"] = torch_predict(GraphModule(mbz.metadata["graph"], params).eval())
+    graph_module = GraphModule.of_tensors(mbz.metadata["graph"], mbz.tensors).eval()
+    predicts["torch fake-quant"] = torch_predict(graph_module)
     predicts["torch eager fp32"] = torch_predict(module)
     return predicts, load_s
 

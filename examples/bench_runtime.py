@@ -42,10 +42,10 @@ def best_rates(runs: dict, images: np.ndarray, repeats: int = 3) -> dict[str, fl
 
 
 def torch_runner(path: Path, batch_size: int):
-    """Torch eager inference of the file's graph and decoded weights, ``batch_size`` at a time."""
+    """Torch eager inference of the file's graph and decoded weights, exact layers as ``mbz eval
+    --runtime torch`` computes them, ``batch_size`` at a time."""
     mbz = read_mbz(path)
-    params = {name: tensor.decode() for name, tensor in mbz.tensors.items()}
-    module = GraphModule(mbz.metadata["graph"], params).eval()
+    module = GraphModule.of_tensors(mbz.metadata["graph"], mbz.tensors).eval()
     preprocess = mbz.metadata["preprocess"]
 
     @torch.no_grad()

@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from mbz.data import load_split
+from mbz.evaluate import EvalResult
 from mbz.format import DenseTensor, UniformTensor, read_mbz
 from mbz.onnx.export import export_onnx
 from mbz.onnx.session import OnnxProgram
 from mbz.runtime import Program, load_program
 from mbz.runtime.codes import encode, quantize
-from mbz.runtime.exact import exact_layers
+from mbz.runtime.exact import exact_layers, exact_nodes
 from mbz.torch_graph import GraphModule, image_batches
+from mbz.verify import Report, check_report, verify
 from tests.helpers import (
     invoke,
     narrow_mobilenet,
@@ -50,8 +53,7 @@ def packed(tmp_path_factory):
 def torch_logits(path, images: np.ndarray) -> np.ndarray:
     """The file's logits from its graph run as the torch fake-quant module, in one batch."""
     mbz = read_mbz(path)
-    params = {name: tensor.decode() for name, tensor in mbz.tensors.items()}
-    module = GraphModule(mbz.metadata["graph"], params).eval()
+    module = GraphModule.of_tensors(mbz.metadata["graph"], mbz.tensors).eval()
     with torch.no_grad():
         (_, x), = image_batches(images, mbz.metadata["preprocess"], "cpu", len(images))
         return module(x).numpy()
@@ -326,3 +328,121 @@ def test_numpy_exact_path_is_the_float_path_rounded_differently(uniform_packed):
     assert np.median(per_image) < 1e-5
     assert sqnr_db(float_logits, logits) > 15
     assert np.mean(logits.argmax(1) == float_logits.argmax(1)) >= 0.9
+
+
+# ------------------------------------------------------------------ the torch graph's exact path
+
+
+def run_torch(
+    nodes: list[dict], tensors: dict, codes: np.ndarray, zero_point: int, scale: float = ACT_SCALE
+) -> np.ndarray:
+    """The graph ``input -> nodes`` run by ``GraphModule.of_tensors`` (what ``mbz pack``
+    measures and ``mbz eval --runtime torch`` runs) on the input whose first quantize (of
+    ``scale`` and ``zero_point``) gives ``codes`` [N, C, H, W]."""
+    graph = {"input": "input", "input_shape": list(codes.shape[1:]),
+             "output": nodes[-1]["output"], "nodes": nodes}  # fmt: skip
+    x = ((codes.astype(F32) - F32(zero_point)) * F32(scale)).astype(F32)
+    with torch.no_grad():
+        return GraphModule.of_tensors(graph, tensors)(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize(
+    ("channels", "out", "kernel", "stride", "padding", "groups", "low"),
+    [
+        (128, 8, 3, 1, 1, 1, 200),  # bound 255 * 255 * 1152 > 2^24: float64
+        (80, 12, 3, 2, 1, 2, 200),  # grouped, strided, float64
+        (40, 16, 1, 1, 0, 1, 0),  # pointwise within the float32 bound: float32
+        (24, 24, 3, 1, 1, 24, 0),  # depthwise 3x3, float32
+    ],
+)
+def test_torch_exact_conv_equals_an_integer_reference(
+    channels, out, kernel, stride, padding, groups, low
+):
+    tensors = uniform_layer("conv", (out, channels // groups, kernel, kernel), low, seed=channels)
+    codes = np.random.default_rng(out).integers(low, 256, (3, channels, 9, 9))
+    attrs = conv_attrs(stride, padding, groups)
+    nodes = [quantize_node("q", "input", 0), layer_node("conv", "conv2d", "q", **attrs)]
+    acc = reference_conv(codes, integer_weight_of(tensors["conv.weight"]), stride, padding, groups)
+    if low:  # sums of large same-sign products: beyond what float32 holds exactly
+        assert np.abs(acc).max() >= 2**24
+    expected = reference_epilogue(acc, tensors, "conv", channel_axis=1)
+    assert run_torch(nodes, tensors, codes, zero_point=0).tobytes() == expected.tobytes()
+
+
+def test_torch_exact_linear_equals_an_integer_reference():
+    features, zero_point = 1280, 117
+    tensors = uniform_layer("fc", (10, features), 0, seed=5)
+    codes = np.random.default_rng(6).integers(0, 256, (4, features, 1, 1))
+    nodes = [layer_node("flat", "flatten", "input"), quantize_node("q", "flat", zero_point),
+             layer_node("fc", "linear", "q")]  # fmt: skip
+    acc = (codes[:, :, 0, 0] - zero_point) @ integer_weight_of(tensors["fc.weight"]).T
+    expected = reference_epilogue(acc, tensors, "fc", channel_axis=1)
+    assert run_torch(nodes, tensors, codes, zero_point).tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("op", ["avgpool2d", "global_avgpool"])
+def test_torch_pooling_of_codes_is_an_integer_sum_times_scale_over_window(op):
+    zero_point, scale = 37, float(F32(0.0371))  # codes recovered from x = (q - z) * scale
+    codes = np.random.default_rng(8).integers(0, 256, (2, 5, 7, 7))
+    attrs = {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1]} if op == "avgpool2d" else {}
+    nodes = [quantize_node("q", "input", zero_point, scale), layer_node("pool", op, "q", **attrs)]
+    if op == "avgpool2d":  # padding counts as 0, and in the divisor
+        ones = np.ones((5, 1, 3, 3), np.int64)
+        sums, window = reference_conv(codes - zero_point, ones, 2, 1, groups=5), 9
+    else:
+        sums, window = (codes - zero_point).sum(axis=(2, 3), keepdims=True), 49
+    expected = ((sums.astype(F32) * F32(scale)) / F32(window)).astype(F32)
+    assert run_torch(nodes, {}, codes, zero_point, scale).tobytes() == expected.tobytes()
+
+
+# ------------------------------------------------------------------ mbz eval on all-exact files
+
+
+def test_any_logit_difference_fails_an_all_exact_file_only():
+    logits = np.random.default_rng(9).normal(0, 1, (5, 10)).astype(F32)
+    other = logits.copy()
+    row = 3
+    column = int(np.argsort(logits[row])[0])  # not the top-1 class: the agreement stays 100%
+    other[row, column] = np.nextafter(other[row, column], F32(np.inf))
+    reports = {}
+    for exact in (True, False):
+        results = [EvalResult("numpy", logits, 0.2, 1.0), EvalResult("torch", other, 0.2, 1.0)]
+        reports[exact] = Report(results, exact=exact)
+        check_report(reports[exact], 0.001, True, "no stored accuracy")
+    step = float(other[row, column]) - float(logits[row, column])
+    (failure,) = reports[True].failures
+    assert failure.startswith(
+        f"numpy/torch logits differ on 1 of 5 images (largest difference {step:.3g})"
+    )
+    assert "must be bit-identical" in failure
+    assert reports[False].failures == [] and reports[False].agreements["numpy/torch"] == 1.0
+
+
+@pytest.mark.slow
+def test_uniform_weights_with_act_bits_pack_an_all_exact_file_the_runtimes_agree_on(
+    uniform_packed,
+):
+    path, data = uniform_packed
+    mbz = read_mbz(path)
+    status = exact_nodes(mbz.metadata["graph"], mbz.tensors)
+    ops = {node["name"]: node["op"] for node in mbz.metadata["graph"]["nodes"]}
+    assert {"conv2d", "linear", "global_avgpool"} <= {ops[name] for name in status}
+    assert all(status.values())  # the first conv and the classifier included
+    report = verify(path, load_split(str(data), "test"), ("numpy", "torch"))
+    assert report.exact and report.failures == []
+    assert report.logit_differences == {"numpy/torch": 0.0}
+    assert report.agreements == {"numpy/torch": 1.0}
+    single = json.loads(invoke("eval", path, "--data", data, "--runtime", "torch", "--json").stdout)
+    assert single["exact"] is True and single["ok"]
+    summary = "all layers exact: numpy, torch and onnx logits are bit-identical"
+    assert summary in invoke("inspect", path).stdout
+
+
+@pytest.mark.slow
+def test_float_activations_keep_the_agreement_thresholds(packed, tmp_path):
+    _, data = packed
+    path = tmp_path / "w8.mbz"
+    invoke("pack", data.parent / "model.pt", "--bits", "conv=8,fc=8", "-o", path)
+    report = verify(path, load_split(str(data), "test"), ("numpy", "torch"))
+    assert not report.exact and report.failures == []
+    assert report.logit_differences["numpy/torch"] > 0  # float sums in different orders
