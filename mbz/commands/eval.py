@@ -41,7 +41,9 @@ def eval_command(file, data_source, data_root, limit, runtime, tolerance, as_jso
 
     Exits with status 1 when runtimes disagree, or differ from the accuracy stored at pack
     time, by more than the tolerance, or when FILE is not a valid .mbz within the limits (it is
-    validated before any image is read). Only --runtime torch (or all) imports PyTorch.
+    validated before any image is read). When every layer of FILE is exact (SPEC.md 7.3; `mbz
+    inspect` says so), any logit that differs between two runtimes is an error: they must be
+    bit-identical. Only --runtime torch (or all) imports PyTorch.
     """
     mbz = open_checked(file, limits)
     input_shape = mbz.metadata["graph"]["input_shape"]

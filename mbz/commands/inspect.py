@@ -18,8 +18,8 @@ from mbz.inspect import describe, format_report
 @click.option(
     "--wide",
     is_flag=True,
-    help="Every column (shapes before and after, bytes per category) and whole layer names, "
-    "wider than 100 columns.",
+    help="Every column (shapes before and after, bytes per category, accumulator bound) and "
+    "whole layer names, wider than 100 columns.",
 )
 @click.option(
     "--onnx",
@@ -40,6 +40,12 @@ def inspect_command(file: Path, as_json: bool, wide: bool, onnx: bool, limits: L
     are set against their order-0 entropy ("H0 B": ceil(n * H / 8), H over the kept codes'
     frequencies), per layer in --wide and --json, in total in the summary. With --onnx the
     summary also gives the size of the file as ONNX.
+
+    Column "exact" (SPEC.md 7.3): whether the layer reads integer activation codes and has
+    integer weights, so that every runtime sums it exactly, and how: f32 (one float32 sum), f32
+    chunks (float32 sums of chunks of input channels, added in float64), or no; --wide and
+    --json add the bound on its partial sums. The summary says whether all layers are exact,
+    so that numpy, torch and onnx logits are bit-identical, or how many are not and why.
 
     A file from elsewhere is untrusted: one that would cost more than the limits to read or run
     is refused (exit 1) unless --raise-limit raises them.
