@@ -33,7 +33,7 @@ from mbz.evaluate import Progress
 from mbz.format import Tensor
 from mbz.format.constants import DEFAULT_ALIGNMENT
 from mbz.format.container import encode_tensor
-from mbz.quantize import Coding, quantize_weight, weighted_error
+from mbz.quantize import Coding, quantize_weight, smallest_layout, weighted_error
 from mbz.torch_graph import GraphModule, image_batches, preprocess_images
 
 CANDIDATE_BITS = (2, 3, 4, 5, 6, 8)  # the bit widths a layer no --bits rule pins may get
@@ -149,8 +149,9 @@ def rescaled(layer: list[Candidate], probe: tuple[Candidate, float]) -> list[Can
 
 
 def section_cost(name: str, tensor: Tensor) -> int:
-    """The bytes ``tensor``'s section adds to a file: its encoded parts, padded to alignment."""
-    _, body = encode_tensor(name, tensor, 1)
+    """The bytes ``tensor``'s section adds to a file: its encoded parts, in the layout the
+    file stores (``smallest_layout``), padded to alignment."""
+    _, body = encode_tensor(name, smallest_layout(tensor), 1)
     return -(-len(body) // DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT
 
 

@@ -86,7 +86,9 @@ def _layer_row(mbz: MbzFile, node: dict, tensor_rows: dict[str, dict]) -> dict:
     weight = tensor_rows[node["params"].get("weight", names[0])]
     after = weight["shape"]
     before = _shape_before(mbz.metadata, node["name"]) or after
-    codebook = getattr(mbz.tensors[weight["tensor"]], "codebook", None)
+    tensor = mbz.tensors[weight["tensor"]]
+    codebook = getattr(tensor, "codebook", None)
+    zero_symbol = _zero_symbol(mbz.metadata, node["name"]) and weight["sparsity"] == "none"
     row = {
         "layer": node["name"],
         "op": node["op"],
@@ -97,8 +99,12 @@ def _layer_row(mbz: MbzFile, node: dict, tensor_rows: dict[str, dict]) -> dict:
         "encoding": weight["encoding"],
         "entropy": weight["entropy"],
         "codebook_size": None if codebook is None else int(codebook.size),
-        "sparsity": 1.0 - weight["nnz"] / max(1, int(np.prod(after))),
-        "mask_encoding": weight["sparsity"],
+        "sparsity": (
+            float(np.mean(tensor.decode() == 0))
+            if zero_symbol
+            else 1.0 - weight["nnz"] / max(1, int(np.prod(after)))
+        ),
+        "mask_encoding": "zero_symbol" if zero_symbol else weight["sparsity"],
         "tensors": names,
     }
     for key in (*CATEGORIES, *_STREAM_KEYS, "bytes"):
@@ -253,6 +259,15 @@ def _accuracy(metadata: dict) -> dict | None:
     return accuracy
 
 
+def _zero_symbol(metadata: dict, layer: str) -> bool:
+    """Whether the layer's pruned weights are stored as the symbol that decodes to 0.0 (no
+    mask), as the informative ``layers`` key ``zero_symbol`` records it."""
+    flag = _object(_object(metadata, "layers"), layer).get("zero_symbol", False)
+    if not isinstance(flag, bool):
+        raise MbzFormatError(f"metadata: layers[{layer[:100]!r}].zero_symbol must be a boolean")
+    return flag
+
+
 def _shape_before(metadata: dict, layer: str) -> list[int] | None:
     """The layer's shape before channel pruning, as the informative ``layers`` key records it."""
     shape = _object(_object(metadata, "layers"), layer).get("shape_before")
@@ -316,7 +331,7 @@ def _row_cells(r: dict) -> dict[str, str]:
         "bits": str(r["bits"] or ""),
         "k": str(r["codebook_size"] or ""),
         "sparse": f"{100 * r['sparsity']:5.1f}%",
-        "mask_encoding": r["mask_encoding"],
+        "mask_encoding": r["mask_encoding"].replace("_", " "),
         "bytes": str(r["bytes"]),
     }
     cells["exact"] = "" if r["exact"] is None else r["accumulator"] or "no"

@@ -25,7 +25,7 @@ from mbz.fold import fold_batchnorm
 from mbz.format import DenseTensor, Tensor, encode_mbz, write_mbz
 from mbz.graph_ops import is_depthwise, is_pointwise, weight_nodes
 from mbz.prune import magnitude_masks, prune_channels, prune_zeroed_channels
-from mbz.quantize import Coding, quantize_weight
+from mbz.quantize import Coding, quantize_weight, smallest_layout
 from mbz.runtime import Program
 from mbz.runtime.exact import exact_layers
 
@@ -114,6 +114,19 @@ def quantize_graph(
     return tensors, layers
 
 
+def stored_layouts(tensors: dict[str, Tensor], layers: dict[str, dict]) -> dict[str, Tensor]:
+    """``tensors`` with each weight in the layout the file stores, the smaller of its mask and
+    its zero symbol (``mbz.quantize.smallest_layout``; both decode alike); the facts of a
+    pruned layer that stores its zeros as a symbol say ``zero_symbol: true``."""
+    stored = dict(tensors)
+    for facts in layers.values():
+        name = facts["weight"]
+        stored[name], mask = smallest_layout(tensors[name]), tensors[name].mask
+        if stored[name] is not tensors[name] and mask is not None and not mask.all():
+            facts["zero_symbol"] = True
+    return stored
+
+
 def _shapes(graph: dict, params: dict[str, np.ndarray]) -> dict[str, list[int]]:
     return {n["name"]: list(params[n["params"]["weight"]].shape) for n in weight_nodes(graph)}
 
@@ -181,6 +194,7 @@ def _planned(
 
     def size_of(choice: budget.Choice) -> int:
         tensors, layers = encode(choice)
+        tensors = stored_layouts(tensors, layers)
         return len(encode_mbz(build_metadata(loaded, config, graph, layers, None), tensors))
 
     layers = {n["params"]["weight"]: layer_info(graph, n, params) for n in weight_nodes(graph)}
@@ -309,6 +323,7 @@ def pack(
         )
     if tuning is not None:
         tensors = finetune_quantized(graph, params, tensors, tuning)
+    tensors = stored_layouts(tensors, metadata["layers"])
     if dataset is not None:
         metadata["accuracy"] = measure_accuracy(
             graph, tensors, metadata["preprocess"], dataset, progress

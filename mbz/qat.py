@@ -116,6 +116,7 @@ class CodebookWeight(nn.Module):
     indices: torch.Tensor
     mask: torch.Tensor | None
     share: torch.Tensor
+    zero: torch.Tensor  # True for a centroid 0.0, held there
 
     def __init__(self, tensor: CodebookTensor) -> None:
         super().__init__()
@@ -125,6 +126,7 @@ class CodebookWeight(nn.Module):
         kept = tensor.indices if tensor.mask is None else tensor.indices[tensor.mask]
         sharing = np.bincount(kept.ravel(), minlength=tensor.codebook.size)
         self.register_buffer("share", torch.from_numpy(1.0 / np.maximum(sharing, 1)).float())
+        self.register_buffer("zero", torch.from_numpy(np.asarray(tensor.codebook) == 0))
 
     def forward(self) -> torch.Tensor:
         """The decoded weight: each position's centroid, zero where masked; each centroid's
@@ -133,7 +135,10 @@ class CodebookWeight(nn.Module):
         return _masked(codebook[self.indices], self.mask)
 
     def apply_mask(self) -> None:
-        """Nothing to do: masked positions are zero by construction."""
+        """Hold a centroid 0.0 at exactly 0.0: pruned weights may be stored as its symbol
+        (``mbz.quantize.smallest_layout``); masked positions are zero by construction."""
+        with torch.no_grad():
+            self.codebook.masked_fill_(self.zero, 0.0)
 
     def export(self, template: CodebookTensor) -> CodebookTensor:
         """``template`` (indices, bits, mask, entropy coding) with the fine-tuned codebook."""

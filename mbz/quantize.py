@@ -7,7 +7,7 @@ per-layer codebooks fitted by k-means, and uniform integer codes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -22,6 +22,8 @@ from mbz.format import (
     Tensor,
     UniformTensor,
 )
+from mbz.format.constants import MAX_BITS
+from mbz.format.container import encode_tensor
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Coding:
     huffman: bool = False  # index streams Huffman-coded when that is smaller
     kmeans_iters: int = 30  # codebook: Lloyd iterations
     codebook: str = "auto"  # kmeans: scaled, plain, or auto (scaled unless plain errs less)
+    zero_symbol: bool = False  # codebooks: one centroid held at 0.0, the code of pruned weights
 
     @classmethod
     def of(cls, config: PackConfig, bits: int) -> Coding:
@@ -62,10 +65,16 @@ Encoder = Callable[[np.ndarray, Coding, np.ndarray | None], Tensor]
 
 
 def kmeans_1d(
-    values: np.ndarray, k: int, iters: int = 30, weights: np.ndarray | None = None
+    values: np.ndarray,
+    k: int,
+    iters: int = 30,
+    weights: np.ndarray | None = None,
+    pin_zero: bool = False,
 ) -> np.ndarray:
     """Lloyd's k-means on scalars with linear initialisation (Deep Compression), each value
     counted ``weights`` times (all once by default): it minimises ``sum(weights * error**2)``.
+    With ``pin_zero``, one centroid is exactly 0.0 throughout (the symbol pruned weights take)
+    and the others fit the values around it.
 
     Works on the sorted values with prefix sums, so one iteration costs O(k log n).
     Returns sorted float32 centroids: ``k``, or fewer when there are fewer distinct values.
@@ -74,23 +83,32 @@ def kmeans_1d(
     order = np.argsort(flat, kind="stable")
     v = flat[order]
     w = np.ones_like(v) if weights is None else weights.astype(np.float64).ravel()[order]
-    distinct = np.unique(v)
+    distinct = np.union1d(v, [0.0]) if pin_zero else np.unique(v)
     if distinct.size <= k:
         return distinct.astype(np.float32)
     mass = np.concatenate([[0.0], np.cumsum(w)])
     moment = np.concatenate([[0.0], np.cumsum(w * v)])
-    centroids = np.linspace(v[0], v[-1], k)
+    centroids = _pinned(np.linspace(v[0], v[-1], k), pin_zero)
     for _ in range(iters):
         bounds = np.searchsorted(v, (centroids[1:] + centroids[:-1]) / 2)
         edges = np.concatenate([[0], bounds, [v.size]])
         counts = mass[edges[1:]] - mass[edges[:-1]]
         sums = moment[edges[1:]] - moment[edges[:-1]]
         updated = np.where(counts > 0, sums / np.where(counts > 0, counts, 1), centroids)
+        updated = _pinned(updated, pin_zero)
         updated.sort()
         if np.array_equal(updated, centroids):
             break
         centroids = updated
     return centroids.astype(np.float32)
+
+
+def _pinned(centroids: np.ndarray, pin_zero: bool) -> np.ndarray:
+    """``centroids`` with the one nearest 0 set to 0.0 when ``pin_zero`` (a Lloyd step keeps
+    each neighbour's mean on its side of the pinned centroid, so it stays the nearest)."""
+    if pin_zero:
+        centroids[np.argmin(np.abs(centroids))] = 0.0
+    return centroids
 
 
 def nearest_index(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -99,17 +117,42 @@ def nearest_index(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.searchsorted(mids, values.astype(np.float64)).astype(np.uint8)
 
 
+def pruned_index(codebook: np.ndarray) -> int:
+    """The index pruned positions take: the centroid 0.0 where there is one (a pinned
+    codebook, which may store them), else 0 (a mask leaves them out of the file)."""
+    zeros = np.flatnonzero(codebook == 0)
+    return int(zeros[0]) if zeros.size else 0
+
+
+def centroid_count(bits: int, pin_zero: bool) -> int:
+    """The centroids a ``bits``-bit codebook fits: ``2**bits``, and with ``pin_zero`` the
+    centroid 0.0 on top where an index can hold it (below 8 bits), so the kept weights keep
+    as many centroids as under a mask and the zero symbol costs accuracy nothing."""
+    return 2**bits + (pin_zero and bits < MAX_BITS)
+
+
+def index_bits(bits: int, codebook: np.ndarray) -> int:
+    """The index width of ``codebook``: ``bits``, one more when a pinned 0.0 needs it."""
+    return max(bits, int(codebook.size - 1).bit_length())
+
+
 def codebook_quantize(
-    weight: np.ndarray, bits: int, mask: np.ndarray | None = None, iters: int = 30
+    weight: np.ndarray,
+    bits: int,
+    mask: np.ndarray | None = None,
+    iters: int = 30,
+    pin_zero: bool = False,
 ) -> CodebookTensor:
-    """A per-layer k-means codebook of at most ``2**bits`` centroids over the kept weights."""
+    """A per-layer k-means codebook of at most ``2**bits`` centroids over the kept weights
+    (with ``pin_zero``, ``centroid_count`` of them, one 0.0)."""
     kept = weight[mask] if mask is not None else weight
     source = kept if kept.size else np.zeros(1, np.float32)
-    centroids = kmeans_1d(source, 2**bits, iters)
+    centroids = kmeans_1d(source, centroid_count(bits, pin_zero), iters, pin_zero=pin_zero)
     indices = nearest_index(weight, centroids)
     if mask is not None:
-        indices[~mask] = 0
-    return CodebookTensor(codebook=centroids, indices=indices, bits=bits, mask=mask)
+        indices[~mask] = pruned_index(centroids)
+    width = index_bits(bits, centroids)
+    return CodebookTensor(codebook=centroids, indices=indices, bits=width, mask=mask)
 
 
 F16_TINY = float(np.finfo(np.float16).smallest_subnormal)
@@ -122,12 +165,14 @@ def scaled_codebook_quantize(
     mask: np.ndarray | None = None,
     iters: int = 30,
     importance: np.ndarray | None = None,
+    pin_zero: bool = False,
 ) -> ScaledCodebookTensor | None:
     """One k-means codebook for the layer over each output channel divided by its own scale
     (its largest kept magnitude, as float16): ``w ~ scale[c] * codebook[index]`` (SPEC.md 3.6).
 
     The values are weighted by ``scale[c]**2`` times ``importance`` (default 1), so the error
-    minimised is the weight's own. None when a scale does not fit float16."""
+    minimised is the weight's own; with ``pin_zero``, ``centroid_count`` centroids, one 0.0.
+    None when a scale does not fit float16."""
     rows = weight.reshape(weight.shape[0], -1).astype(np.float32)
     keep = np.ones(rows.shape, bool) if mask is None else mask.reshape(rows.shape)
     peak = np.where(keep, np.abs(rows), 0).max(axis=1, initial=0.0)
@@ -140,13 +185,15 @@ def scaled_codebook_quantize(
     if importance is not None:
         weights = weights * importance.reshape(rows.shape)
     source, counts = (normalised[keep], weights[keep]) if keep.any() else (np.zeros(1), None)
-    codebook = kmeans_1d(source, 2**bits, iters, counts).astype(np.float16)
+    k = centroid_count(bits, pin_zero)
+    codebook = kmeans_1d(source, k, iters, counts, pin_zero).astype(np.float16)
     codebook = np.unique(codebook)  # float16 rounding may merge centroids
     indices = nearest_index(normalised, codebook.astype(np.float32)).reshape(weight.shape)
     if mask is not None:
-        indices[~mask] = 0
+        indices[~mask] = pruned_index(codebook)
+    width = index_bits(bits, codebook)
     return ScaledCodebookTensor(
-        codebook=codebook, scale=scale, indices=indices, bits=bits, axis=0, mask=mask
+        codebook=codebook, scale=scale, indices=indices, bits=width, axis=0, mask=mask
     )
 
 
@@ -207,7 +254,7 @@ def uniform_quantize(
 
 
 def _encode_codebook(weight: np.ndarray, coding: Coding, mask: np.ndarray | None) -> Tensor:
-    tensor = codebook_quantize(weight, coding.bits, mask, coding.kmeans_iters)
+    tensor = codebook_quantize(weight, coding.bits, mask, coding.kmeans_iters, coding.zero_symbol)
     tensor.entropy = coding.entropy
     return tensor
 
@@ -217,11 +264,12 @@ def _encode_scaled_codebook(
 ) -> Tensor:
     """The scaled codebook; a plain one when a scale does not fit float16, or (``auto``) when
     the plain one's error is smaller."""
+    bits, iters, pin = coding.bits, coding.kmeans_iters, coding.zero_symbol
     candidates: list[Tensor | None] = [
-        scaled_codebook_quantize(weight, coding.bits, mask, coding.kmeans_iters)
+        scaled_codebook_quantize(weight, bits, mask, iters, pin_zero=pin)
     ]
     if candidates[0] is None or coding.codebook == "auto":
-        candidates.append(codebook_quantize(weight, coding.bits, mask, coding.kmeans_iters))
+        candidates.append(codebook_quantize(weight, bits, mask, iters, pin))
     tensor = min(
         (c for c in candidates if c is not None), key=lambda t: weighted_error(weight, t, None)
     )
@@ -254,5 +302,55 @@ ENCODERS: dict[Encoding, Encoder] = {
 
 
 def quantize_weight(weight: np.ndarray, coding: Coding, mask: np.ndarray | None = None) -> Tensor:
-    """Encode one weight array (zero where ``mask`` is False) as ``coding`` says."""
-    return ENCODERS[coding.encoding](weight, coding, mask)
+    """Encode one weight array (zero where ``mask`` is False) as ``coding`` says. Under a mask,
+    a codebook is fitted twice, as asked and with a centroid 0.0 added (``centroid_count``),
+    and the fit whose ``smallest_layout`` has fewer bytes is kept (the first on a tie); the
+    tensor keeps its mask (fine-tuning and corrections read it), the file stores its
+    ``smallest_layout``."""
+    tensor = ENCODERS[coding.encoding](weight, coding, mask)
+    if (
+        mask is None
+        or coding.zero_symbol
+        or not hasattr(tensor, "codebook")
+        or zero_symbol_layout(tensor) is not None
+    ):
+        return tensor
+    pinned = ENCODERS[coding.encoding](weight, replace(coding, zero_symbol=True), mask)
+    return min((tensor, pinned), key=lambda t: section_bytes(smallest_layout(t)))
+
+
+def zero_symbol_layout(tensor: Tensor) -> Tensor | None:
+    """``tensor`` without its keep-mask, each pruned position storing the symbol that decodes
+    to exactly 0.0 (uniform codes: the channel's zero point; codebooks: a centroid 0.0), so it
+    decodes to the same values. None without a mask, or without such a symbol."""
+    if tensor.mask is None:
+        return None
+    pruned = ~tensor.mask
+    if not pruned.any():
+        return replace(tensor, mask=None)
+    if isinstance(tensor, UniformTensor):
+        view = [1] * tensor.qdata.ndim
+        if tensor.axis is not None:
+            view[tensor.axis] = tensor.channels
+        zero = tensor.zero_point.reshape(view)
+        return replace(tensor, qdata=np.where(pruned, zero, tensor.qdata), mask=None)
+    zeros = np.flatnonzero(getattr(tensor, "codebook", np.ones(1)) == 0)
+    if not zeros.size or isinstance(tensor, DenseTensor):
+        return None
+    indices = np.where(pruned, zeros[0], tensor.indices).astype(np.uint8)
+    return replace(tensor, indices=indices, mask=None)
+
+
+def section_bytes(tensor: Tensor) -> int:
+    """The bytes ``tensor``'s section holds in a file (index streams entropy-coded as its
+    ``entropy`` says, mask included), alignment padding aside."""
+    return len(encode_tensor("weight", tensor, 1)[1])
+
+
+def smallest_layout(tensor: Tensor) -> Tensor:
+    """``tensor`` or its ``zero_symbol_layout``, whichever section has fewer bytes (the mask
+    on a tie): the layout a file stores a pruned weight in."""
+    zeroed = zero_symbol_layout(tensor)
+    if zeroed is None or section_bytes(zeroed) >= section_bytes(tensor):
+        return tensor
+    return zeroed
