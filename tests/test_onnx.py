@@ -19,8 +19,10 @@ from mbz.format import (
     CodebookTensor,
     DenseTensor,
     Entropy,
+    IntCodebookTensor,
     MbzFile,
     MbzFormatError,
+    ScaledCodebookTensor,
     Sparsity,
     UniformTensor,
     read_mbz,
@@ -67,6 +69,18 @@ def _codebook(rng, bits, k=None, mask=None, entropy=Entropy.FIXED) -> CodebookTe
     return CodebookTensor(codebook, indices, bits, mask=mask, entropy=entropy)
 
 
+def _channel_codebook(rng, bits, dtype, mask=None) -> ScaledCodebookTensor | IntCodebookTensor:
+    """A codebook scaled per output channel: float16 centroids, or int8 ones (int_codebook)."""
+    integer = dtype == np.int8
+    values = rng.choice(np.arange(-128, 128), 2**bits, replace=False) if integer else (
+        rng.uniform(-1, 1, 2**bits)
+    )
+    scale = rng.uniform(0.01, 0.5, SHAPE[0]).astype(np.float16)
+    indices = rng.integers(0, 2**bits, SHAPE).astype(np.uint8)
+    kind = IntCodebookTensor if integer else ScaledCodebookTensor
+    return kind(np.sort(values).astype(dtype), scale, indices, bits, mask=mask)
+
+
 def _uniform(rng, bits, axis=None, mask=None, symmetric=False, entropy=Entropy.FIXED):
     channels = 1 if axis is None else SHAPE[axis]
     if symmetric:
@@ -102,6 +116,12 @@ ENCODINGS = {
     "codebook_huffman_csr": (
         lambda r: _codebook(r, 5, mask=_mask(r, 0.05), entropy=Entropy.HUFFMAN),
         Sparsity.CSR,
+    ),
+    "scaled_codebook_4bit": (lambda r: _channel_codebook(r, 4, np.float16), Sparsity.NONE),
+    "int_codebook_4bit": (lambda r: _channel_codebook(r, 4, np.int8), Sparsity.NONE),
+    "int_codebook_3bit_bitmap": (
+        lambda r: _channel_codebook(r, 3, np.int8, mask=_mask(r, 0.5)),
+        Sparsity.BITMAP,
     ),
     "uniform_tensor_asym_4bit": (lambda r: _uniform(r, 4), Sparsity.NONE),
     "uniform_tensor_sym_8bit": (lambda r: _uniform(r, 8, symmetric=True), Sparsity.NONE),
@@ -273,7 +293,9 @@ def test_quantized_activations_match_numpy(tmp_path) -> None:
     onnx.checker.check_model(model, full_check=True)
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["QuantizeLinear"] == 4  # one per quantize node
-    assert ops["DequantizeLinear"] == 4 + 1  # and the per-channel uniform weight c2
+    # the codes read as floats (by c1, whose codebook is not integer, and the add); c2's
+    # uniform weight is decoded to integers, c2 and the avgpool read codes
+    assert ops["DequantizeLinear"] == 3
     batch = images(64, seed=4)
     numpy_logits = load_program(tmp_path / "q.mbz").predict(batch)
     logits = OnnxProgram(model).predict(batch, batch_size=24)
@@ -427,3 +449,248 @@ def test_pack_then_eval_all_runtimes(tmp_path) -> None:
     assert [r["runtime"] for r in report["results"]] == ["numpy", "torch", "onnx"]
     assert set(report["agreement"]) == {"numpy/torch", "numpy/onnx", "torch/onnx"}
     assert min(report["agreement"].values()) >= 0.999
+
+
+# ------------------------------------------------- exact integer layers (SPEC.md 7.3 and 8)
+
+
+def quantize_ref(x: np.ndarray, scale: float, zero_point: int, bits: int) -> np.ndarray:
+    """SPEC.md 7's codes, in numpy float32, as int64."""
+    scaled = x * (np.float32(1) / np.float32(scale))
+    return np.clip(np.rint(scaled) + zero_point, 0, 2**bits - 1).astype(np.int64)
+
+
+def window_sums_ref(a: np.ndarray, w: np.ndarray, stride: int, pad: int, dil: int, groups: int):
+    """The int64 convolution ``sum(a * w)`` of NCHW ``a`` (zero padding), one kernel tap at
+    a time."""
+    m, per_group, kh, kw = w.shape
+    padded = np.pad(a, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh = (padded.shape[2] - dil * (kh - 1) - 1) // stride + 1
+    ow = (padded.shape[3] - dil * (kw - 1) - 1) // stride + 1
+    acc = np.zeros((a.shape[0], m, oh, ow), np.int64)
+    outs = m // groups
+    for g, i, j in np.ndindex(groups, kh, kw):
+        rows = slice(i * dil, i * dil + stride * (oh - 1) + 1, stride)
+        cols = slice(j * dil, j * dil + stride * (ow - 1) + 1, stride)
+        patch = padded[:, g * per_group : (g + 1) * per_group, rows, cols]
+        taps = w[g * outs : (g + 1) * outs, :, i, j]
+        acc[:, g * outs : (g + 1) * outs] += np.einsum("nchw,mc->nmhw", patch, taps)
+    return acc
+
+
+def integer_weight_ref(tensor: UniformTensor | IntCodebookTensor) -> np.ndarray:
+    """``qdata - zero_point[c]`` or ``codebook[indices]`` in int64, 0 at pruned positions."""
+    if isinstance(tensor, IntCodebookTensor):
+        values = tensor.codebook.astype(np.int64)[tensor.indices]
+    else:
+        view = (-1,) + (1,) * (tensor.qdata.ndim - 1)
+        values = tensor.qdata.astype(np.int64) - tensor.zero_point.astype(np.int64).reshape(view)
+    return values if tensor.mask is None else np.where(tensor.mask, values, 0)
+
+
+def epilogue_ref(acc: np.ndarray, act_scale: float, tensor: UniformTensor, bias: np.ndarray):
+    """``(float32(acc) * (float32(s_a) * float32(s_w[c]))) + bias[c]`` in float32."""
+    view = (-1,) + (1,) * (acc.ndim - 2)
+    scale = np.broadcast_to(tensor.scale.astype(np.float32), (acc.shape[1],))
+    multiplier = (np.float32(act_scale) * scale).reshape(view)
+    value = acc.astype(np.float64).astype(np.float32)  # one rounding, to nearest even
+    return (value * multiplier) + bias.reshape(view)
+
+
+def skewed_uniform(rng, shape, bits, axis, zero_points, mask=None) -> UniformTensor:
+    """Uniform codes in the upper half of the range, so that accumulators are large."""
+    channels = 1 if axis is None else shape[0]
+    return UniformTensor(
+        qdata=rng.integers(2 ** (bits - 1), 2**bits, shape).astype(np.uint8),
+        scale=rng.uniform(1e-4, 1e-3, channels).astype(np.float32),
+        zero_point=np.asarray(zero_points, np.uint8).reshape(channels),
+        bits=bits,
+        axis=axis,
+        mask=mask,
+    )
+
+
+WIDE_ZERO_POINTS = [0, 255, 7, 128, 30, 200, 1, 90]  # no one offset makes w_int uint8
+# id -> (weight builder(rng, shape, mask), in channels, density, stride, pad, dilation, groups)
+EXACT_CONVS = {
+    "per_channel_8bit_wide_zero_points": (
+        lambda r, s, m: skewed_uniform(r, s, 8, 0, WIDE_ZERO_POINTS, m), 128, 1, 1, 1, 1, 1
+    ),
+    "per_tensor_8bit": (lambda r, s, m: skewed_uniform(r, s, 8, None, [3], m), 64, 1, 1, 1, 1, 1),
+    "per_channel_4bit_sparse_strided": (
+        lambda r, s, m: skewed_uniform(r, s, 4, 0, [0, 15, 3, 8, 1, 2, 9, 4], m),
+        *(48, 0.7, 2, 2, 2, 1),
+    ),
+    "depthwise_8bit": (
+        lambda r, s, m: skewed_uniform(r, s, 8, 0, WIDE_ZERO_POINTS, m), 8, 1, 2, 1, 1, 8
+    ),
+    "grouped_8bit": (
+        lambda r, s, m: skewed_uniform(r, s, 8, 0, WIDE_ZERO_POINTS, m), 16, 1, 1, 1, 1, 2
+    ),
+}
+ACT_CASES = [(8, 0.05, 0), (4, 0.3, 3)]
+
+
+def exact_conv_file(path: Path, case: tuple, act: tuple) -> MbzFile:
+    """quantize -> conv2d (an exact layer) -> flatten, 6x6 inputs, read back."""
+    build, channels, density, stride, pad, dil, groups = case
+    act_bits, act_scale, act_zero = act
+    rng = np.random.default_rng(channels)
+    shape = (8, channels // groups, 3, 3)
+    mask = rng.random(shape) < density if density < 1 else None
+    weight = build(rng, shape, mask)
+    nodes = [
+        node("q", "quantize", ["input"], attrs={"bits": act_bits, "scale": act_scale,
+                                                "zero_point": act_zero}),
+        conv_node("conv", "q", stride=stride, padding=pad, dilation=dil, groups=groups),
+        node("flat", "flatten", ["conv"]),
+    ]
+    bias = DenseTensor(rng.standard_normal(8).astype(np.float16))
+    metadata = {"graph": graph_of(nodes, [channels, 6, 6]), "preprocess": preprocess_for(channels)}
+    write_mbz(path, metadata, {"conv.weight": weight, "conv.bias": bias})
+    return read_mbz(path)
+
+
+def run_from_graph_input(model: onnx.ModelProto, graph: dict, x: np.ndarray) -> np.ndarray:
+    """The logits of ``model`` fed the float32 graph input ``x`` (NCHW) directly."""
+    part = sub_model(model, [graph_value(graph["input"], graph)], [OUTPUT_NAME])
+    return onnx_session(part).run(None, {part.graph.input[0].name: x})[0]
+
+
+def exact_conv_reference(mbz: MbzFile, case: tuple, act: tuple) -> tuple:
+    """Graph inputs (mostly positive floats, spread over the code range) and the int64
+    accumulators and float32 logits of the file of ``exact_conv_file``, computed in numpy."""
+    act_bits, act_scale, act_zero = act
+    stride, pad, dil, groups = case[3:]
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-0.2, 1, (3, case[1], 6, 6)).astype(np.float32)
+    x *= np.float32(act_scale * 2**act_bits)
+    a = quantize_ref(x, act_scale, act_zero, act_bits) - act_zero
+    weight = mbz.tensors["conv.weight"]
+    acc = window_sums_ref(a, integer_weight_ref(weight), stride, pad, dil, groups)
+    bias = mbz.tensors["conv.bias"].decode()
+    return x, acc, epilogue_ref(acc, act_scale, weight, bias).reshape(len(x), -1)
+
+
+@pytest.mark.parametrize("act", ACT_CASES, ids=["act8", "act4"])
+@pytest.mark.parametrize("case", EXACT_CONVS.values(), ids=EXACT_CONVS.keys())
+def test_exact_conv_equals_integer_reference(tmp_path, case, act) -> None:
+    mbz = exact_conv_file(tmp_path / "c.mbz", case, act)
+    x, _, expected = exact_conv_reference(mbz, case, act)
+    for dense in (False, True):
+        model = export_onnx(mbz, dense=dense)
+        onnx.checker.check_model(model, full_check=True)
+        kernels = {n.op_type for n in model.graph.node} & {"Conv", "ConvInteger"}
+        assert kernels == ({"Conv"} if case[-1] > 1 else {"ConvInteger"})  # SPEC.md 8.1
+        if not dense:  # besides a codebook, no initializer is larger than the packed codes
+            weight = mbz.tensors["conv.weight"]
+            packed = -(-int(np.prod(weight.shape)) * weight.bits // 8)
+            stored = [t for t in model.graph.initializer if not t.name.endswith("codebook_i8")]
+            assert max(len(t.raw_data) for t in stored) <= packed
+        got = run_from_graph_input(model, mbz.metadata["graph"], x)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_exact_conv_reference_needs_more_than_float32(tmp_path) -> None:
+    # the widest case's accumulators pass 2**24, where float32 sums of them would round
+    case = EXACT_CONVS["per_channel_8bit_wide_zero_points"]
+    _, acc, _ = exact_conv_reference(exact_conv_file(tmp_path / "c.mbz", case, ACT_CASES[0]),
+                                     case, ACT_CASES[0])
+    assert np.abs(acc).max() > 2**24
+    assert (acc.astype(np.float32).astype(np.int64) != acc).any()
+
+
+@pytest.mark.parametrize("act", ACT_CASES, ids=["act8", "act4"])
+def test_exact_linear_equals_integer_reference(tmp_path, act) -> None:
+    # a classifier-sized layer: 1280 features, per-column offsets as MatMulInteger's zero points
+    act_bits, act_scale, act_zero = act
+    rng = np.random.default_rng(5)
+    weight = skewed_uniform(rng, (8, 1280), 8, 0, WIDE_ZERO_POINTS)
+    bias = rng.standard_normal(8).astype(np.float32)
+    nodes = [
+        node("flat", "flatten", ["input"]),
+        node("q", "quantize", ["flat"], attrs={"bits": act_bits, "scale": act_scale,
+                                               "zero_point": act_zero}),
+        node("fc", "linear", ["q"], {"weight": "fc.weight", "bias": "fc.bias"}),
+    ]
+    metadata = {"graph": graph_of(nodes, [1280, 1, 1]), "preprocess": preprocess_for(1280)}
+    write_mbz(tmp_path / "l.mbz", metadata, {"fc.weight": weight, "fc.bias": DenseTensor(bias)})
+    model = export_onnx(read_mbz(tmp_path / "l.mbz"))
+    assert Counter(n.op_type for n in model.graph.node)["MatMulInteger"] == 1
+    x = rng.uniform(-0.2, 1, (4, 1280, 1, 1)).astype(np.float32)
+    x *= np.float32(act_scale * 2**act_bits)
+    a = quantize_ref(x.reshape(4, -1), act_scale, act_zero, act_bits) - act_zero
+    acc = a @ integer_weight_ref(weight).T
+    assert act_bits < 8 or np.abs(acc).max() > 2**24
+    expected = epilogue_ref(acc, act_scale, weight, bias)
+    np.testing.assert_array_equal(run_from_graph_input(model, metadata["graph"], x), expected)
+
+
+POOLS = {
+    "avgpool2d": {"kernel": [3, 3], "stride": [2, 2], "padding": [1, 1]},
+    "global_avgpool": {},
+}
+
+
+@pytest.mark.parametrize("act", ACT_CASES, ids=["act8", "act4"])
+@pytest.mark.parametrize("op", POOLS)
+def test_pooling_of_codes_is_an_integer_sum(tmp_path, op: str, act) -> None:
+    act_bits, act_scale, act_zero = act
+    nodes = [
+        node("q", "quantize", ["input"], attrs={"bits": act_bits, "scale": act_scale,
+                                                "zero_point": act_zero}),
+        node("pool", op, ["q"], attrs=POOLS[op]),
+        node("flat", "flatten", ["pool"]),
+    ]
+    metadata = {"graph": graph_of(nodes, [5, 7, 7]), "preprocess": preprocess_for(5)}
+    write_mbz(tmp_path / "p.mbz", metadata, {})
+    model = export_onnx(read_mbz(tmp_path / "p.mbz"))
+    assert not {"AveragePool", "GlobalAveragePool"} & {n.op_type for n in model.graph.node}
+    x = np.random.default_rng(6).uniform(-1, 1, (3, 5, 7, 7)).astype(np.float32)
+    x *= np.float32(act_scale * 2**act_bits)
+    a = quantize_ref(x, act_scale, act_zero, act_bits) - act_zero
+    kernel, stride, pad = (3, 2, 1) if op == "avgpool2d" else (7, 1, 0)
+    ones = np.ones((5, 1, kernel, kernel), np.int64)
+    sums = window_sums_ref(a, ones, stride, pad, 1, groups=5)
+    scaled = sums.astype(np.float32) * np.float32(act_scale)
+    expected = (scaled / np.float32(kernel * kernel)).reshape(3, -1)
+    np.testing.assert_array_equal(run_from_graph_input(model, metadata["graph"], x), expected)
+
+
+PACKS = {
+    "uniform8_act8": ("--bits", "conv=8,fc=8", "--method", "uniform", "--act-bits", 8),
+    "uniform4_act4": ("--bits", "conv=4,fc=4", "--method", "uniform", "--act-bits", 4),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", PACKS.values(), ids=PACKS.keys())
+def test_packed_exact_file_gives_identical_logits_in_every_runtime(tmp_path, options) -> None:
+    from mbz.runtime import exact
+    from mbz.torch_graph import GraphModule, image_batches
+
+    model_path, data = tmp_path / "model.pt", tmp_path / "data.npz"
+    save_mbz_checkpoint(model_path, narrow_mobilenet())
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    np.savez(data, x_train=batch[:24], y_train=np.arange(24) % 10, x_test=batch[24:],
+             y_test=np.arange(16) % 10)
+    invoke("pack", model_path, *options, "--data", data, "--calib-images", 24, "-o",
+           tmp_path / "m.mbz")
+    mbz = read_mbz(tmp_path / "m.mbz")
+    graph = mbz.metadata["graph"]
+    assert exact.all_exact(graph, mbz.tensors)
+    model = export_onnx(mbz)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["ConvInteger"] >= 1 and ops["MatMulInteger"] == 1
+    assert onnx_bytes(model) < 1.6 * mbz.file_size  # codes stay codes (float path: 1.33x)
+    onnx_logits = OnnxProgram(model).predict(batch)
+    numpy_logits = load_program(tmp_path / "m.mbz").predict(batch)
+    module = GraphModule.of_tensors(graph, mbz.tensors).eval()
+    with torch.no_grad():
+        torch_logits = np.concatenate(
+            [module(x).numpy() for _, x in image_batches(batch, mbz.metadata["preprocess"],
+                                                         torch.device("cpu"), 16)]
+        )
+    np.testing.assert_array_equal(onnx_logits, numpy_logits)
+    np.testing.assert_array_equal(onnx_logits, torch_logits)

@@ -19,16 +19,21 @@ How each part of the file becomes ONNX (SPEC.md sections 3, 6 and 7):
 - uniform: the codes (UINT4/UINT8) with their scales and zero points, ``DequantizeLinear``
   (``axis`` where the file is per channel).
 - scaled_codebook: as codebook, then ``Mul`` by the scales (widened to float32) along the
-  file's axis.
+  file's axis; int_codebook: the same with int8 centroids, ``Cast`` to float32.
 - sparse (bitmap or CSR in the file): the kept values only, and the positions as a bitmap
   (one bit per element, unpacked by ``BitShift`` and ``BitwiseAnd``); every position gathers
   from ``[0, kept values...]`` at ``keep * CumSum(keep)``. Uniform codes are put in place first,
   then decoded, then the pruned positions set to 0 by ``Where``.
 - ``quantize`` nodes: ``Mul`` by the float32 reciprocal of the scale, ``Clip`` to the code range
   (when narrower than 8 bits), ``QuantizeLinear`` with scale 1 and the file's zero point (it
-  rounds half to even), ``DequantizeLinear`` with the file's scale and zero point. onnxruntime's
-  ``QuantizeLinear`` divides by its scale, which rounds differently from SPEC.md section 7 at
-  ties; with scale 1 the division is exact, so the result is bit for bit the numpy runtime's.
+  rounds half to even) giving the codes, and ``DequantizeLinear`` with the file's scale and zero
+  point where a node reads the values as floats. onnxruntime's ``QuantizeLinear`` divides by
+  its scale, which rounds differently from SPEC.md section 7 at ties; with scale 1 the division
+  is exact, so the result is bit for bit the numpy runtime's.
+- exact layers (``mbz.runtime.exact``; SPEC.md 7.3 and 8.1): ``ConvInteger`` /
+  ``MatMulInteger`` on the codes and uint8 integer weights, or a float32 ``Conv`` of
+  integer-valued tensors for grouped layers below ``2**24``, then ``Cast``, ``Mul``
+  (multipliers), ``Add`` (bias); pooling of codes sums ``q - z`` exactly, then ``Mul``, ``Div``.
 - the other ops: ``Conv``, ``Gemm`` (``transB``), ``Mul``/``Add`` (batchnorm), ``Relu``,
   ``Clip`` (relu6), ``Add``, ``AveragePool`` (``count_include_pad``), ``MaxPool``,
   ``GlobalAveragePool``, ``Flatten``.
@@ -38,8 +43,9 @@ How each part of the file becomes ONNX (SPEC.md sections 3, 6 and 7):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -50,8 +56,8 @@ from mbz.format import (
     CodebookTensor,
     DenseTensor,
     Encoding,
+    IntCodebookTensor,
     MbzFile,
-    ScaledCodebookTensor,
     Tensor,
     UniformTensor,
 )
@@ -59,6 +65,9 @@ from mbz.format.bits import pack_bits
 from mbz.format.constants import Op
 from mbz.format.encodings import encoding_of
 from mbz.format.limits import DEFAULT_LIMITS, Limits
+from mbz.format.tensors import ChannelCodebookTensor
+from mbz.runtime import exact
+from mbz.runtime.exact import ExactLayer
 from mbz.runtime.graph import Shape
 from mbz.runtime.program import check_runnable
 
@@ -80,6 +89,17 @@ def tensor_value(name: str) -> str:
 def graph_value(name: str, graph: dict) -> str:
     """The ONNX value of the .mbz graph value ``name`` (the graph output is ``logits``)."""
     return OUTPUT_NAME if name == graph["output"] else f"value:{name}"
+
+
+def codes_value(value: str) -> str:
+    """The uint8 codes ``q`` (QuantizeLinear's output) of the ONNX value ``value`` that a
+    ``quantize`` node writes."""
+    return f"{value}:q"
+
+
+def code_zero_point(value: str) -> str:
+    """The uint8 scalar zero point of the codes ``codes_value(value)``."""
+    return f"{value}:zero_point"
 
 
 @dataclass
@@ -104,6 +124,10 @@ class _Builder:
         )
         return name
 
+    def produces(self, value: str) -> bool:
+        """Whether a node already computes ``value``."""
+        return any(value in node.output for node in self.nodes)
+
     def op(self, op_type: str, inputs: list[str], output: str, **attrs) -> str:
         """Append a node computing ``output``; returns ``output``."""
         self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attrs))
@@ -123,14 +147,19 @@ def _decode_dense(b: _Builder, name: str, tensor: DenseTensor, kept: np.ndarray,
 def _decode_codebook(
     b: _Builder,
     name: str,
-    tensor: CodebookTensor | ScaledCodebookTensor,
+    tensor: CodebookTensor | ChannelCodebookTensor,
     kept: np.ndarray,
     out: str,
 ) -> str:
-    """``codebook[indices]``, the indices cast to int32 (Gather takes no unsigned indices)."""
+    """``codebook[indices]``, the indices cast to int32 (Gather takes no unsigned indices);
+    int8 centroids stay int8 in the file and are cast to float32 in the graph."""
     indices = b.codes(f"{name}:indices", kept, tensor.bits)
     index32 = b.op("Cast", [indices], f"{name}:indices32", to=TensorProto.INT32)
-    codebook = b.constant(f"{name}:codebook", tensor.codebook.astype(F32))
+    if tensor.codebook.dtype == np.int8:
+        stored = b.constant(f"{name}:codebook_i8", tensor.codebook)
+        codebook = b.op("Cast", [stored], f"{name}:codebook", to=TensorProto.FLOAT)
+    else:
+        codebook = b.constant(f"{name}:codebook", tensor.codebook.astype(F32))
     return b.op("Gather", [codebook, index32], out, axis=0)
 
 
@@ -177,7 +206,9 @@ def _expand(b: _Builder, name: str, values: str, index: str, shape: Shape, dtype
 
 
 def _reshape(b: _Builder, value: str, shape: Shape, out: str) -> str:
-    return b.op("Reshape", [value, b.constant(f"{out}:shape", np.array(shape))], out)
+    """``value`` reshaped to ``shape`` (one shape constant per distinct shape)."""
+    target = b.constant(f"const:shape[{','.join(map(str, shape))}]", np.array(shape))
+    return b.op("Reshape", [value, target], out)
 
 
 def _decode_uniform(b: _Builder, out: str, tensor: UniformTensor) -> str:
@@ -201,15 +232,21 @@ StoredDecoder = Callable[[_Builder, str, Any, np.ndarray, str], str]
 
 
 def _in_place(
-    b: _Builder, name: str, tensor: Tensor, stored: np.ndarray, out: str, decode: StoredDecoder
+    b: _Builder,
+    name: str,
+    tensor: Tensor,
+    stored: np.ndarray,
+    out: str,
+    decode: StoredDecoder,
+    dtype: type = F32,
 ) -> str:
-    """The stored values (floats or codebook indices) decoded to ``out`` by ``decode``, put in
-    place with zeros at pruned positions when the tensor is sparse."""
+    """The stored values (floats or codebook indices) decoded to ``out`` (of ``dtype``) by
+    ``decode``, put in place with zeros at pruned positions when the tensor is sparse."""
     if tensor.mask is None:
         return decode(b, name, tensor, stored, out)
     values = decode(b, name, tensor, stored[tensor.mask], f"{name}:kept")
     _, index = _gather_index(b, name, tensor.mask)
-    return _expand(b, name, values, index, tensor.shape, F32, out)
+    return _expand(b, name, values, index, tensor.shape, dtype, out)
 
 
 def _decode_float(b: _Builder, out: str, tensor: DenseTensor) -> str:
@@ -222,8 +259,9 @@ def _decode_plain_codebook(b: _Builder, out: str, tensor: CodebookTensor) -> str
     return _in_place(b, out, tensor, tensor.indices, out, _decode_codebook)
 
 
-def _decode_scaled_codebook(b: _Builder, out: str, tensor: ScaledCodebookTensor) -> str:
-    """``scale[c] * codebook[indices]``, the scales broadcast along the file's axis."""
+def _decode_scaled_codebook(b: _Builder, out: str, tensor: ChannelCodebookTensor) -> str:
+    """``scale[c] * codebook[indices]``, the scales broadcast along the file's axis (scaled and
+    integer codebooks)."""
     unscaled = _in_place(b, out, tensor, tensor.indices, f"{out}:unscaled", _decode_codebook)
     view = [1] * len(tensor.shape)
     view[tensor.axis] = -1
@@ -239,6 +277,7 @@ DECODERS: dict[Encoding, WeightDecoder] = {
     Encoding.CODEBOOK: _decode_plain_codebook,
     Encoding.UNIFORM: _decode_uniform,
     Encoding.SCALED_CODEBOOK: _decode_scaled_codebook,
+    Encoding.INT_CODEBOOK: _decode_scaled_codebook,
 }
 
 
@@ -256,18 +295,19 @@ def _decode_weight(b: _Builder, name: str, tensor: Tensor, dense: bool) -> str:
 Emitter = Callable[[_Builder, dict, list[str], dict[str, str], str, Shape], str]
 
 
+def _window(attrs: dict) -> dict:
+    """The ONNX ``strides``, ``pads`` and (convolutions) ``dilations`` of a window op."""
+    ph, pw = attrs["padding"]
+    window = {"strides": list(attrs["stride"]), "pads": [ph, pw, ph, pw]}
+    if "dilation" in attrs:
+        window["dilations"] = list(attrs["dilation"])
+    return window
+
+
 def _conv2d(b: _Builder, node: dict, xs: list[str], p: dict[str, str], out: str, _: Shape) -> str:
     attrs = node["attrs"]
-    ph, pw = attrs["padding"]
-    return b.op(
-        "Conv",
-        [xs[0], p["weight"], p["bias"]],
-        out,
-        strides=list(attrs["stride"]),
-        pads=[ph, pw, ph, pw],
-        dilations=list(attrs["dilation"]),
-        group=attrs["groups"],
-    )
+    inputs = [xs[0], p["weight"], p["bias"]]
+    return b.op("Conv", inputs, out, group=attrs["groups"], **_window(attrs))
 
 
 def _linear(b: _Builder, node: dict, xs: list[str], p: dict[str, str], out: str, _: Shape) -> str:
@@ -288,22 +328,14 @@ def _batchnorm(
 def _pool(op_type: str, **extra) -> Emitter:
     def emit(b: _Builder, node: dict, xs: list[str], p: dict[str, str], out: str, _: Shape) -> str:
         attrs = node["attrs"]
-        ph, pw = attrs["padding"]
-        return b.op(
-            op_type,
-            xs,
-            out,
-            kernel_shape=list(attrs["kernel"]),
-            strides=list(attrs["stride"]),
-            pads=[ph, pw, ph, pw],
-            **extra,
-        )
+        return b.op(op_type, xs, out, kernel_shape=list(attrs["kernel"]), **_window(attrs), **extra)
 
     return emit
 
 
 def _quantize(b: _Builder, node: dict, xs: list[str], p: dict[str, str], out: str, _: Shape) -> str:
-    """SPEC.md section 7 as multiply-by-reciprocal, QuantizeLinear(scale 1), DequantizeLinear."""
+    """SPEC.md section 7 as multiply-by-reciprocal and QuantizeLinear(scale 1): the codes
+    ``codes_value(out)``; ``_dequantize_codes`` adds the float values where a node reads them."""
     attrs = node["attrs"]
     bits, zero_point, scale = attrs["bits"], attrs["zero_point"], F32(attrs["scale"])
     top = 2**bits - 1
@@ -315,10 +347,18 @@ def _quantize(b: _Builder, node: dict, xs: list[str], p: dict[str, str], out: st
             [scaled, b.constant(f"{out}:low", low), b.constant(f"{out}:high", high)],
             f"{out}:clipped",
         )
-    zp = b.constant(f"{out}:zero_point", np.uint8(zero_point))
+    zp = b.constant(code_zero_point(out), np.uint8(zero_point))
     one = b.constant("const:1_f32", F32(1))
-    q = b.op("QuantizeLinear", [scaled, one, zp], f"{out}:q")
-    return b.op("DequantizeLinear", [q, b.constant(f"{out}:scale", scale), zp], out)
+    return b.op("QuantizeLinear", [scaled, one, zp], codes_value(out))
+
+
+def _dequantize_codes(b: _Builder, value: str, attrs: dict) -> str:
+    """The float values ``value`` of the codes of a quantize node (``attrs``): a
+    ``DequantizeLinear`` with its scale and zero point, added once, when first read."""
+    if not b.produces(value):
+        scale = b.constant(f"{value}:scale", F32(attrs["scale"]))
+        b.op("DequantizeLinear", [codes_value(value), scale, code_zero_point(value)], value)
+    return value
 
 
 def _simple(op_type: str, **extra) -> Emitter:
@@ -348,6 +388,253 @@ EMITTERS: dict[Op, Emitter] = {
 }
 
 
+# ------------------------------------------------------------------------ exact integer layers
+
+
+def _integer_uniform(b: _Builder, out: str, tensor: UniformTensor) -> str:
+    """``codes - zero_point[c]`` as int32; when sparse, the kept codes are put in place and
+    the pruned positions multiplied by 0."""
+    view = (-1,) + (1,) * (len(tensor.shape) - 1)
+    zero = b.codes(f"{out}:zero_point", tensor.zero_point.reshape(view), tensor.bits)
+    zero32 = b.op("Cast", [zero], f"{out}:zero_point32", to=TensorProto.INT32)
+    if tensor.mask is None:
+        codes = b.codes(f"{out}:codes", tensor.qdata, tensor.bits)
+        codes32 = b.op("Cast", [codes], f"{out}:codes32", to=TensorProto.INT32)
+        return b.op("Sub", [codes32, zero32], out)
+    keep, index = _gather_index(b, out, tensor.mask)
+    kept = b.codes(f"{out}:codes", tensor.qdata[tensor.mask], tensor.bits)
+    kept32 = b.op("Cast", [kept], f"{out}:kept32", to=TensorProto.INT32)
+    codes32 = _expand(b, out, kept32, index, tensor.shape, np.int32, f"{out}:codes32")
+    centred = b.op("Sub", [codes32, zero32], f"{out}:centred")
+    return b.op("Mul", [centred, _reshape(b, keep, tensor.shape, f"{out}:keep_mask")], out)
+
+
+def _gather_integers(
+    b: _Builder, name: str, tensor: IntCodebookTensor, kept: np.ndarray, out: str
+) -> str:
+    """The int8 centroids at the indices ``kept``, as int32."""
+    indices = b.codes(f"{name}:indices", kept, tensor.bits)
+    index32 = b.op("Cast", [indices], f"{name}:indices32", to=TensorProto.INT32)
+    codebook = b.constant(f"{name}:codebook_i8", tensor.codebook)
+    codebook32 = b.op("Cast", [codebook], f"{name}:codebook32", to=TensorProto.INT32)
+    return b.op("Gather", [codebook32, index32], out, axis=0)
+
+
+def _integer_codebook(b: _Builder, out: str, tensor: IntCodebookTensor) -> str:
+    """``codebook[indices]`` of the int8 centroids, as int32 (the scales are the plan's)."""
+    return _in_place(b, out, tensor, tensor.indices, out, _gather_integers, np.int32)
+
+
+# The nodes that decode the integer weight ``w_int`` of each encoding that has one
+# (``exact.integer_weight``) into the int32 value ``out``, 0 at pruned positions.
+INTEGER_DECODERS: dict[Encoding, WeightDecoder] = {
+    Encoding.UNIFORM: _integer_uniform,
+    Encoding.INT_CODEBOOK: _integer_codebook,
+}
+
+UINT8_TOP = 255
+# uint8 x uint8 products summed over fewer terms than this stay below 2**31
+INTEGER_FAN_IN_LIMIT = exact.INT32_EXACT // (UINT8_TOP * UINT8_TOP)
+
+
+@dataclass(frozen=True)
+class IntegerLayer:
+    """An exact layer as the export computes it: with ``ConvInteger`` / ``MatMulInteger`` on
+    the uint8 weight ``w_int + offsets[c]``, or (``offsets`` None) with a float32 ``Conv`` of
+    integer-valued tensors; then the plan's epilogue."""
+
+    plan: ExactLayer
+    offsets: np.ndarray | None  # uint8 [out]
+
+    @property
+    def shared(self) -> bool:
+        """Whether one offset serves every output channel (it is then the weight zero point
+        of ``ConvInteger`` / ``MatMulInteger``)."""
+        return self.offsets is not None and bool((self.offsets == self.offsets[0]).all())
+
+
+def integer_layers(graph: dict, tensors: Mapping[str, Any]) -> dict[str, IntegerLayer]:
+    """How the export computes each exact layer (``exact.exact_layers``), by node name.
+
+    Grouped convolutions whose bound is below ``2**24`` take float32 ``Conv`` (onnxruntime's
+    ``ConvInteger`` has no depthwise kernel and is several times slower there); every other
+    layer whose integer weights fit uint8 with one offset per output channel, and whose
+    ``fan_in`` keeps any sum of uint8 x uint8 products below ``2**31``, takes the integer
+    kernels; the rest take float32 ``Conv`` when below ``2**24``, else stay on the float path.
+    """
+    nodes = {n["name"]: n for n in graph["nodes"]}
+    layers = {}
+    for name, plan in exact.exact_layers(graph, tensors).items():
+        weight = tensors[nodes[name]["params"]["weight"]]
+        offsets = uint8_offsets(plan.weight, getattr(weight, "zero_point", None))
+        integer = offsets is not None and plan.fan_in < INTEGER_FAN_IN_LIMIT
+        grouped = nodes[name]["attrs"].get("groups", 1) > 1
+        if plan.float32_exact and plan.weight.ndim == 4 and (grouped or not integer):
+            layers[name] = IntegerLayer(plan, None)
+        elif integer:
+            layers[name] = IntegerLayer(plan, offsets)
+    return layers
+
+
+def uint8_offsets(weight: np.ndarray, zero_points: np.ndarray | None) -> np.ndarray | None:
+    """Per output channel (axis 0) an offset that makes ``weight + offset`` uint8: one shared
+    offset when one exists, else the uniform codes' ``zero_points`` when given (the weight is
+    then the codes), else each channel's own; None when a channel spans more than 256
+    integers."""
+    rows = weight.reshape(len(weight), -1).astype(np.int64)
+    low, high = rows.min(axis=1, initial=0), rows.max(axis=1, initial=0)
+    shared = -int(low.min())
+    if int(high.max()) + shared <= UINT8_TOP:
+        return np.full(len(weight), shared, np.uint8)
+    if zero_points is not None:
+        return np.broadcast_to(zero_points, (len(weight),)).astype(np.uint8)
+    if (high - low > UINT8_TOP).any():
+        return None
+    return (-low).astype(np.uint8)
+
+
+def _integer_weight(
+    b: _Builder, name: str, tensor: Tensor, layer: IntegerLayer, dense: bool
+) -> str:
+    """The weight of an exact layer: uint8 ``w_int + offsets[c]``, or float32 ``w_int`` for
+    a float32 ``Conv``; decoded in-graph from the file's codes (constant-folded when the
+    session opens), or stored plain when ``dense``."""
+    out = integer_value(name)
+    weight = layer.plan.weight
+    view = (-1,) + (1,) * (weight.ndim - 1)
+    if layer.offsets is None:
+        if dense:
+            return b.constant(out, weight.astype(F32))
+        values = INTEGER_DECODERS[encoding_of(tensor)](b, f"{out}:int32", tensor)
+        return b.op("Cast", [values], out, to=TensorProto.FLOAT)
+    if dense:
+        return b.constant(out, (weight + layer.offsets.reshape(view)).astype(np.uint8))
+    if _offsets_are_zero_points(tensor, layer.offsets):  # the weight is the codes themselves
+        codes = b.codes(f"{out}:codes", tensor.qdata, tensor.bits)
+        wide = tensor.bits <= NIBBLE_BITS
+        return b.op("Cast", [codes], out, to=TensorProto.UINT8) if wide else codes
+    values = INTEGER_DECODERS[encoding_of(tensor)](b, f"{out}:int32", tensor)
+    offsets = _int32(b, _offsets(b, out, layer), view, f"{out}:offsets32")
+    shifted = b.op("Add", [values, offsets], f"{out}:shifted")
+    return b.op("Cast", [shifted], out, to=TensorProto.UINT8)
+
+
+def _offsets_are_zero_points(tensor: Tensor, offsets: np.ndarray) -> bool:
+    """Whether ``tensor`` is dense uniform codes whose zero points are ``offsets``."""
+    return (
+        isinstance(tensor, UniformTensor)
+        and tensor.mask is None
+        and np.array_equal(np.broadcast_to(tensor.zero_point, offsets.shape), offsets)
+    )
+
+
+def integer_value(name: str) -> str:
+    """The ONNX value holding the weight of the exact layers that read tensor ``name``."""
+    return f"integer:{name}"
+
+
+def _offsets(b: _Builder, weight: str, layer: IntegerLayer) -> str:
+    """The uint8 offsets of the integer weight ``weight``: a scalar when shared, else [out]."""
+    assert layer.offsets is not None  # only integer-kernel layers have offsets
+    if layer.shared:
+        return b.constant(f"{weight}:offset", layer.offsets[0])
+    return b.constant(f"{weight}:offsets", layer.offsets)
+
+
+def _int32(b: _Builder, value: str, view: tuple[int, ...], out: str) -> str:
+    """``value`` cast to int32 and reshaped to ``view``."""
+    return _reshape(b, b.op("Cast", [value], f"{out}:cast", to=TensorProto.INT32), view, out)
+
+
+def _centred(b: _Builder, source: str) -> str:
+    """The codes of ``source`` as integer-valued float32 ``q - z`` (once per source)."""
+    out = f"{source}:centred"
+    if not b.produces(out):
+        codes = b.op("Cast", [codes_value(source)], f"{source}:codes_f32", to=TensorProto.FLOAT)
+        zero = b.op("Cast", [code_zero_point(source)], f"{source}:zero_f32", to=TensorProto.FLOAT)
+        b.op("Sub", [codes, zero], out)
+    return out
+
+
+def _epilogue(b: _Builder, acc: str, layer: IntegerLayer, bias: str, rank: int, out: str) -> str:
+    """``(float32(acc) * multiplier[c]) + bias[c]``, separate float32 ops (SPEC.md 7.3; the
+    ``Cast`` only for int32 accumulators), the constants shaped to broadcast along the channel
+    axis of a ``rank``-d value."""
+    view = (-1,) + (1,) * (rank - 1)
+    if layer.offsets is not None:
+        acc = b.op("Cast", [acc], f"{out}:acc_f32", to=TensorProto.FLOAT)
+    multiplier = b.constant(f"{out}:multiplier", layer.plan.multiplier.reshape(view))
+    scaled = b.op("Mul", [acc, multiplier], f"{out}:scaled")
+    return b.op("Add", [scaled, _reshape(b, bias, view, f"{out}:bias")], out)
+
+
+def _ones(b: _Builder, shape: list[int], dtype: type, out: str) -> str:
+    """A tensor of ones (built in-graph, so it takes no room in the file)."""
+    ones = numpy_helper.from_array(np.ones(1, dtype))
+    return b.op("ConstantOfShape", [b.constant(f"{out}:shape", np.array(shape))], out, value=ones)
+
+
+def _exact_conv2d(
+    b: _Builder, node: dict, source: str, p: dict[str, str], layer: IntegerLayer, out: str
+) -> str:
+    """float32 ``Conv`` of the centred codes, or ``ConvInteger`` of the codes of ``source``
+    and the uint8 weight. onnxruntime takes one weight zero point only, so with per-channel
+    offsets ``o`` the accumulator is ``ConvInteger(q, w_int + o) - o[c] * S``, ``S`` the
+    window sums of ``q - z`` over the channel's group (a ``ConvInteger`` with all-ones
+    weights)."""
+    window = {"group": node["attrs"]["groups"], **_window(node["attrs"])}
+    if layer.offsets is None:
+        acc = b.op("Conv", [_centred(b, source), p["weight"]], f"{out}:acc", **window)
+        return _epilogue(b, acc, layer, p["bias"], 3, out)
+    codes, zero = codes_value(source), code_zero_point(source)
+    offsets = _offsets(b, p["weight"], layer)
+    if layer.shared:
+        acc = b.op("ConvInteger", [codes, p["weight"], zero, offsets], f"{out}:acc", **window)
+        return _epilogue(b, acc, layer, p["bias"], 3, out)
+    raw = b.op("ConvInteger", [codes, p["weight"], zero], f"{out}:raw_acc", **window)
+    shape = list(layer.plan.weight.shape)
+    if window["group"] == 1:
+        shape[0] = 1  # one sum over all input channels serves every output channel
+    ones = _ones(b, shape, np.uint8, f"{out}:ones")
+    sums = b.op("ConvInteger", [codes, ones, zero], f"{out}:sums", **window)
+    offsets32 = _int32(b, offsets, (-1, 1, 1), f"{out}:offsets32")
+    correction = b.op("Mul", [sums, offsets32], f"{out}:correction")
+    return _epilogue(b, b.op("Sub", [raw, correction], f"{out}:acc"), layer, p["bias"], 3, out)
+
+
+def _exact_linear(
+    b: _Builder, node: dict, source: str, p: dict[str, str], layer: IntegerLayer, out: str
+) -> str:
+    """``MatMulInteger`` of the codes of ``source`` and the transposed uint8 weight, with
+    the offsets as (per-column) weight zero points."""
+    weight = b.op("Transpose", [p["weight"]], f"{p['weight']}:transposed", perm=[1, 0])
+    zeros = [code_zero_point(source), _offsets(b, p["weight"], layer)]
+    acc = b.op("MatMulInteger", [codes_value(source), weight, *zeros], f"{out}:acc")
+    return _epilogue(b, acc, layer, p["bias"], 1, out)
+
+
+def _exact_pool(
+    b: _Builder, node: dict, source: str, quantize: dict, out: str, shape: Shape
+) -> str:
+    """Average pooling of the codes of ``source`` (``quantize``: its node's attrs): the sums
+    ``S`` of ``q - z`` over each window, exact in float32 (``ReduceSum``, or a depthwise
+    ``Conv`` with all-ones weights; padding counts as 0), then ``(S * float32(scale)) /
+    float32(window)``."""
+    centred = _centred(b, source)
+    if node["op"] == Op.GLOBAL_AVGPOOL:
+        kernel = list(shape[1:])
+        axes = b.constant("const:[2,3]", np.array([2, 3]))
+        sums = b.op("ReduceSum", [centred, axes], f"{out}:sums", keepdims=1)
+    else:
+        kernel = node["attrs"]["kernel"]
+        ones = _ones(b, [shape[0], 1, *kernel], F32, f"{out}:ones")
+        window = _window(node["attrs"])
+        sums = b.op("Conv", [centred, ones], f"{out}:sums", group=shape[0], **window)
+    scale = b.constant(f"{out}:code_scale", F32(quantize["scale"]))
+    scaled = b.op("Mul", [sums, scale], f"{out}:scaled")
+    return b.op("Div", [scaled, b.constant(f"{out}:window", F32(np.prod(kernel)))], out)
+
+
 # ------------------------------------------------------------------------------------- export
 
 
@@ -358,6 +645,32 @@ def _preprocess(b: _Builder, graph: dict, mean: np.ndarray, std: np.ndarray) -> 
     x = b.op("Sub", [x, b.constant("preprocess:mean", mean)], "preprocess:centered")
     x = b.op("Div", [x, b.constant("preprocess:std", std)], "preprocess:normalized")
     b.op("Transpose", [x], graph_value(graph["input"], graph), perm=[0, 3, 1, 2])
+
+
+def _emit(
+    b: _Builder,
+    node: dict,
+    graph: dict,
+    params: dict[str, str],
+    layer: IntegerLayer | None,
+    codes: dict[str, dict],
+    shape: Shape,
+) -> None:
+    """The nodes of one graph node: an exact layer (``layer``), average pooling of codes, or
+    its ``EMITTERS`` entry; ``codes``: the attrs of every quantize node, by output value."""
+    inputs = [graph_value(name, graph) for name in node["inputs"]]
+    output = graph_value(node["output"], graph)
+    source = node["inputs"][0]
+    if layer is not None:
+        emit_exact = _exact_conv2d if node["op"] == Op.CONV2D else _exact_linear
+        emit_exact(b, node, inputs[0], params, layer, output)
+    elif node["op"] in exact.POOLING_OPS and source in codes:
+        _exact_pool(b, node, inputs[0], codes[source], output, shape)
+    else:
+        for name, value in zip(node["inputs"], inputs, strict=True):
+            if name in codes:
+                _dequantize_codes(b, value, codes[name])
+        EMITTERS[node["op"]](b, node, inputs, params, output, shape)
 
 
 def export_onnx(
@@ -373,16 +686,24 @@ def export_onnx(
     graph = mbz.metadata["graph"]
     b = _Builder()
     _preprocess(b, graph, mean, std)
+    integer = integer_layers(graph, mbz.tensors)
+    codes = {n["output"]: n["attrs"] for n in graph["nodes"] if n["op"] == Op.QUANTIZE}
     decoded: dict[str, str] = {}
     for node in graph["nodes"]:
+        layer = integer.get(node["name"])
         params = {}
         for role, name in node["params"].items():
-            if name not in decoded:
-                decoded[name] = _decode_weight(b, name, mbz.tensors[name], dense)
-            params[role] = decoded[name]
-        inputs = [graph_value(name, graph) for name in node["inputs"]]
-        output = graph_value(node["output"], graph)
-        EMITTERS[node["op"]](b, node, inputs, params, output, shapes[node["inputs"][0]])
+            decode: Callable[..., str]
+            if layer is not None and role == "weight":
+                key, decode = integer_value(name), partial(_integer_weight, layer=layer)
+            else:
+                key, decode = name, _decode_weight
+            if key not in decoded:
+                decoded[key] = decode(b, name, mbz.tensors[name], dense=dense)
+            params[role] = decoded[key]
+        _emit(b, node, graph, params, layer, codes, shapes[node["inputs"][0]])
+    if graph["output"] in codes:
+        _dequantize_codes(b, OUTPUT_NAME, codes[graph["output"]])
     c, h, w = graph["input_shape"]
     output = graph["output"]
     onnx_graph = helper.make_graph(

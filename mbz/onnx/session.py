@@ -16,6 +16,9 @@ from mbz.runtime.program import predict_in_batches
 from .export import INPUT_NAME, OUTPUT_NAME
 
 DEFAULT_BATCH_SIZE = 64
+# rewrites that fold a Mul / Add by constants into the Conv before them (its weights and bias),
+# which would change the exact layers' epilogue (SPEC.md 7.3 and 8)
+EPILOGUE_FUSIONS = ("ConvMulFusion", "ConvAddFusion")
 
 
 def onnx_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
@@ -33,6 +36,9 @@ def onnx_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSessi
       constant-folded once when the session opens, the graph then holds plain float Convs like
       the ``dense=True`` export, and activation Q/DQ pairs run as float fake quantization,
       exactly as SPEC.md section 7 specifies, so parity does not depend on the CPU.
+    - ``EPILOGUE_FUSIONS`` off: they fold the ``Mul`` and ``Add`` after a float ``Conv`` into
+      its weights and bias, which would change the epilogue of exact layers that run as float
+      ``Conv`` on integer-valued tensors (SPEC.md 8.1).
     - all other graph optimisations on (``ORT_ENABLE_ALL``: constant folding, Conv+activation
       fusion, NCHWc layouts), which keep float32 arithmetic.
     - sequential execution with one inter-op thread, so ``threads`` is the whole thread budget.
@@ -44,7 +50,10 @@ def onnx_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSessi
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        model.SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(EPILOGUE_FUSIONS),
     )
 
 
