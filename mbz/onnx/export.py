@@ -477,17 +477,21 @@ def integer_layers(graph: dict, tensors: Mapping[str, Any]) -> dict[str, Integer
 
 
 def uint8_offsets(weight: np.ndarray, zero_points: np.ndarray | None) -> np.ndarray | None:
-    """Per output channel (axis 0) an offset that makes ``weight + offset`` uint8: one shared
-    offset when one exists, else the uniform codes' ``zero_points`` when given (the weight is
-    then the codes), else each channel's own; None when a channel spans more than 256
-    integers."""
-    rows = weight.reshape(len(weight), -1).astype(np.int64)
+    """Per output channel (axis 0) an offset that makes ``weight + offset`` uint8: the uniform
+    codes' ``zero_points`` (when given) if they are all equal (the weight is then the codes),
+    else one shared offset when one exists, else those zero points, else each channel's own;
+    None when a channel spans more than 256 integers."""
+    channels = len(weight)
+    zeros = None if zero_points is None else np.broadcast_to(zero_points, (channels,))
+    if zeros is not None and (zeros == zeros[0]).all():
+        return zeros.astype(np.uint8)
+    rows = weight.reshape(channels, -1).astype(np.int64)
     low, high = rows.min(axis=1, initial=0), rows.max(axis=1, initial=0)
     shared = -int(low.min())
     if int(high.max()) + shared <= UINT8_TOP:
-        return np.full(len(weight), shared, np.uint8)
-    if zero_points is not None:
-        return np.broadcast_to(zero_points, (len(weight),)).astype(np.uint8)
+        return np.full(channels, shared, np.uint8)
+    if zeros is not None:
+        return zeros.astype(np.uint8)
     if (high - low > UINT8_TOP).any():
         return None
     return (-low).astype(np.uint8)
@@ -511,8 +515,8 @@ def _integer_weight(
         return b.constant(out, (weight + layer.offsets.reshape(view)).astype(np.uint8))
     if _offsets_are_zero_points(tensor, layer.offsets):  # the weight is the codes themselves
         codes = b.codes(f"{out}:codes", tensor.qdata, tensor.bits)
-        wide = tensor.bits <= NIBBLE_BITS
-        return b.op("Cast", [codes], out, to=TensorProto.UINT8) if wide else codes
+        nibbles = tensor.bits <= NIBBLE_BITS
+        return b.op("Cast", [codes], out, to=TensorProto.UINT8) if nibbles else codes
     values = INTEGER_DECODERS[encoding_of(tensor)](b, f"{out}:int32", tensor)
     offsets = _int32(b, _offsets(b, out, layer), view, f"{out}:offsets32")
     shifted = b.op("Add", [values, offsets], f"{out}:shifted")
@@ -565,7 +569,9 @@ def _epilogue(b: _Builder, acc: str, layer: IntegerLayer, bias: str, rank: int, 
         acc = b.op("Cast", [acc], f"{out}:acc_f32", to=TensorProto.FLOAT)
     multiplier = b.constant(f"{out}:multiplier", layer.plan.multiplier.reshape(view))
     scaled = b.op("Mul", [acc, multiplier], f"{out}:scaled")
-    return b.op("Add", [scaled, _reshape(b, bias, view, f"{out}:bias")], out)
+    if rank > 1:
+        bias = _reshape(b, bias, view, f"{out}:bias")
+    return b.op("Add", [scaled, bias], out)
 
 
 def _ones(b: _Builder, shape: list[int], dtype: type, out: str) -> str:
