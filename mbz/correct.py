@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
-from mbz.format import DenseTensor, ScaledCodebookTensor, Tensor, UniformTensor
+from mbz.format import ScaledCodebookTensor, Tensor, UniformTensor
 from mbz.graph_ops import weight_nodes
+from mbz.quantize import bias_tensor, half_scales
 from mbz.torch_graph import OPS, preprocess_images
 
 SCALE_LIMITS = (0.5, 2.0)  # a spread correction outside this range is not trusted
@@ -42,9 +43,12 @@ def _channel_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _rescale(tensor: ScaledCodebookTensor | UniformTensor, factor: np.ndarray) -> np.ndarray:
     """Multiply each output channel's stored scale by ``factor``, rounded to the stored
-    precision; returns the factor that was applied."""
+    precision (float16 for a lean uniform tensor's, where they fit); returns the factor that
+    was applied."""
     old = tensor.scale.astype(np.float64)
     tensor.scale = (old * factor).astype(tensor.scale.dtype)
+    if isinstance(tensor, UniformTensor) and tensor.lean:
+        tensor.scale = half_scales(tensor.scale)
     return tensor.scale.astype(np.float64) / old
 
 
@@ -62,7 +66,7 @@ def _correct_node(
         factor = _rescale(weight, np.where(std_q > MIN_STD, np.clip(ratio, *SCALE_LIMITS), 1.0))
     # y' = factor * (y_q - bias) + bias' must have the float mean
     corrected = mean_f - factor * (mean_q - bias)
-    tensors[bias_name] = DenseTensor(values=corrected.astype(np.float32))
+    tensors[bias_name] = bias_tensor(corrected)
 
 
 def _restore_batchnorm(

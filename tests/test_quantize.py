@@ -11,6 +11,8 @@ from mbz.format import (
     Entropy,
     ScaledCodebookTensor,
     UniformTensor,
+    decode_mbz,
+    encode_mbz,
 )
 from mbz.quantize import Coding, kmeans_1d, quantize_weight, uniform_quantize
 from tests.helpers import sqnr_db
@@ -142,3 +144,44 @@ def test_weighted_kmeans_lowers_the_weighted_error():
 
     assert cost(weighted) < 0.9 * cost(plain)
     assert np.array_equal(kmeans_1d(values, 8, weights=np.ones(4000)), plain)
+
+
+def written(tensor) -> tuple[dict, int]:
+    """The descriptor and section length ``tensor`` gets in a file."""
+    decoded = decode_mbz(encode_mbz({}, {"w": tensor}))
+    return decoded.descriptors["w"].to_json(), decoded.layout.sections[1].length
+
+
+def test_uniform_scales_are_float16_values_stored_in_2_bytes(weight):
+    lean = coded(weight * 3.7, 4, method="uniform", huffman=False)
+    assert np.array_equal(lean.scale.astype(np.float16).astype(np.float32), lean.scale)
+    full = UniformTensor(lean.qdata, lean.scale, lean.zero_point, 4, axis=0)  # the 1.2 layout
+    (lean_desc, lean_bytes), (_, full_bytes) = written(lean), written(full)
+    assert lean_desc["scale_dtype"] == "f16"
+    assert full_bytes - lean_bytes == 2 * 32  # 32 scales, 2 bytes each saved
+    back = decode_mbz(encode_mbz({}, {"w": lean})).tensors["w"]
+    assert np.array_equal(back.decode(), full.decode())
+    # the codes were computed with the rounded scales: the error is a 4-bit quantizer's
+    assert sqnr_db(weight, lean.decode() / np.float32(3.7)) > 6.02 * 4 - 12
+
+
+def test_symmetric_codes_store_no_zero_points(weight):
+    symmetric = coded(weight, 4, method="uniform", symmetric=True, huffman=False)
+    desc, _ = written(symmetric)
+    assert desc["common_zero_point"] == 8
+    assert [name for name, _ in desc["parts"]] == ["scale", "qdata"]
+    back = decode_mbz(encode_mbz({}, {"w": symmetric})).tensors["w"]
+    assert back.zero_point.tolist() == [8] * 32
+    assert np.array_equal(back.decode(), symmetric.decode())
+
+
+def test_compact_huffman_table_round_trips_and_is_smaller(weight):
+    lean = coded(weight, 8, method="kmeans", codebook="plain", huffman=True)
+    full = CodebookTensor(lean.codebook, lean.indices, 8, entropy=None)
+    (lean_desc, lean_bytes), (full_desc, full_bytes) = written(lean), written(full)
+    assert lean_desc["entropy"] == full_desc["entropy"] == "huffman"
+    tables = [dict(d["parts"])["code_lengths"] for d in (lean_desc, full_desc)]
+    assert tables == [256 * lean_desc["code_length_bits"] // 8, 256]
+    assert full_bytes - lean_bytes == tables[1] - tables[0]
+    back = decode_mbz(encode_mbz({}, {"w": lean})).tensors["w"]
+    assert np.array_equal(back.decode(), lean.decode())
