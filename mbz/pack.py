@@ -25,7 +25,7 @@ from mbz.fold import fold_batchnorm
 from mbz.format import DenseTensor, Tensor, encode_mbz, write_mbz
 from mbz.graph_ops import is_depthwise, is_pointwise, weight_nodes
 from mbz.prune import magnitude_masks, prune_channels, prune_zeroed_channels
-from mbz.quantize import Coding, quantize_weight, smallest_layout
+from mbz.quantize import Coding, bias_tensor, quantize_weight, smallest_layout
 from mbz.runtime import Program
 from mbz.runtime.exact import exact_layers
 
@@ -109,8 +109,10 @@ def quantize_graph(
             "method": METHODS[coding.encoding],
             "sparsity": sparsity,
         }
+    biases = {node["params"]["bias"] for node in weight_nodes(graph)}
     for name, value in params.items():
-        tensors.setdefault(name, DenseTensor(values=value.astype(np.float32)))
+        stored = bias_tensor(value) if name in biases else DenseTensor(value.astype(np.float32))
+        tensors.setdefault(name, stored)
     return tensors, layers
 
 
