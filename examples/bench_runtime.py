@@ -84,10 +84,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs"))
     parser.add_argument("--mbz", type=Path, help="time this .mbz file instead of packing MODEL")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each, the best counts")
+    parser.add_argument("--limit", type=int, help="time only the first N test images")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     test = load_split(args.data, "test")
+    test = test.head(args.limit) if args.limit else test
     path = args.mbz or args.out / "bench_runtime.mbz"
     report = {"file": str(path)} if args.mbz else pack_report(args.model, path, test)
     program, float_program = load_program(path), load_program(path, exact=False)

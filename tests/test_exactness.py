@@ -446,3 +446,19 @@ def test_float_activations_keep_the_agreement_thresholds(packed, tmp_path):
     report = verify(path, load_split(str(data), "test"), ("numpy", "torch"))
     assert not report.exact and report.failures == []
     assert report.logit_differences["numpy/torch"] > 0  # float sums in different orders
+
+
+def test_numpy_layer_whose_bound_reaches_int32_runs_the_float_path():
+    features = 33_100  # 255 * 255 * 33,100 = 2,152,327,500 >= 2^31
+    tensors = uniform_layer("fc", (2, features), 255, seed=8)
+    nodes = [layer_node("flat", "flatten", "input"), quantize_node("q", "flat", 0),
+             layer_node("fc", "linear", "q")]
+    assert exact_layers({"nodes": nodes}, tensors) == {}
+    codes = np.random.default_rng(9).integers(0, 256, (2, features, 1, 1))
+    graph = {"input": "input", "input_shape": [features, 1, 1], "output": "fc", "nodes": nodes}
+    preprocess = {"layout": "NHWC", "dtype": "uint8", "mean": [0.0] * features,
+                  "std": [1.0] * features}
+    params = {name: tensor.decode() for name, tensor in tensors.items()}
+    x = ((codes.astype(F32)) * F32(ACT_SCALE)).astype(F32)
+    float_path = Program(graph, params, preprocess).run(x)
+    assert run_exact(nodes, tensors, codes, 0).tobytes() == float_path.tobytes()
