@@ -683,7 +683,9 @@ def test_packed_exact_file_gives_identical_logits_in_every_runtime(tmp_path, opt
     model = export_onnx(mbz)
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["ConvInteger"] >= 1 and ops["MatMulInteger"] == 1
-    assert onnx_bytes(model) < 1.6 * mbz.file_size  # codes stay codes (float path: 1.33x)
+    # the weights stay compressed: the initializers take about the .mbz's bytes (the graph's
+    # nodes add a constant per layer on top)
+    assert sum(len(t.raw_data) for t in model.graph.initializer) < 1.1 * mbz.file_size
     onnx_logits = OnnxProgram(model).predict(batch)
     numpy_logits = load_program(tmp_path / "m.mbz").predict(batch)
     module = GraphModule.of_tensors(graph, mbz.tensors).eval()
