@@ -4,9 +4,9 @@ Run: python examples/fuzz.py [--cases 100000] [--seed 0] [--out runs/fuzz]
 (one core; a few ms per case). Every case is one mutation of a small valid file (a hand-built
 CNN with conv, depthwise, pointwise, batchnorm, residual add, both poolings, linear and, in some
 files, quantized activations; its weights in one of the encodings: f32, f16, codebook, scaled
-codebook, uniform per tensor or per channel, fixed-width or Huffman, dense, bitmap or CSR). The
-mutated file is re-assembled with correct CRCs, so that it reaches past the container checks,
-then read
+codebook, int codebook, uniform per tensor or per channel, fixed-width or Huffman, dense, bitmap
+or CSR). The mutated file is re-assembled with correct CRCs, so that it reaches past the container
+checks, then read
 (``decode_mbz``), loaded (``load_program``), run on one image (``Program.predict``), exported
 (``export_onnx``) and inspected (``describe``). The only acceptable outcomes are acceptance and
 ``MbzFormatError``; anything else is saved to ``OUT/crashes/`` with its traceback, and a JSON
@@ -42,6 +42,7 @@ from mbz.format import (
     CodebookTensor,
     DenseTensor,
     Entropy,
+    IntCodebookTensor,
     Limits,
     MbzFormatError,
     ScaledCodebookTensor,
@@ -98,13 +99,19 @@ def _weight(rng: np.random.Generator, shape: tuple, spec: dict):
         return DenseTensor(values.astype(dtype), mask=mask)
     bits, entropy = spec["bits"], spec["entropy"]
     levels = 2**bits
-    if spec["kind"] in ("codebook", "scaled"):
+    if spec["kind"] in ("codebook", "scaled", "int"):
         k = min(levels, 2 + int(rng.integers(0, levels - 1)))
         codebook = np.sort(rng.standard_normal(k)).astype(np.float32) * 0.3
         indices = (rng.integers(0, k, shape) * (rng.random(shape) < 0.7)).astype(np.uint8)
         if spec["kind"] == "codebook":
             return CodebookTensor(codebook, indices, bits, mask=mask, entropy=entropy)
         scale = rng.uniform(0.5, 2.0, shape[0]).astype(np.float16)
+        if spec["kind"] == "int":
+            integers = np.unique(np.round(codebook * 127 / np.abs(codebook).max()))
+            return IntCodebookTensor(
+                integers.astype(np.int8), scale / 127, indices % integers.size, bits,
+                mask=mask, entropy=entropy,
+            )
         return ScaledCodebookTensor(
             codebook.astype(np.float16), scale, indices, bits, mask=mask, entropy=entropy
         )
@@ -198,6 +205,7 @@ SEED_SPECS = {
         "kind": "uniform", "bits": 2, "entropy": Entropy.HUFFMAN, "density": None,
         "per_channel": True,
     },
+    "int_codebook_masked": {"kind": "int", "bits": 4, "entropy": Entropy.FIXED, "density": 0.3},
 }
 
 

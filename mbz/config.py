@@ -16,7 +16,8 @@ GROUPS = ("conv", "fc", "dw", "pw", "first")
 DEFAULT_BITS = {"conv": 4, "fc": 4}  # what --bits rules overlay: every conv and linear layer
 METHODS = ("kmeans", "uniform")
 PRUNE_MODES = ("channel", "weight")
-CODEBOOK_KINDS = ("auto", "scaled", "plain")  # --codebook: which codebook --method kmeans fits
+# --codebook: which codebook --method kmeans fits
+CODEBOOK_KINDS = ("auto", "scaled", "plain", "int")
 # Activation points (SPEC.md section 7): the network input, every relu/relu6 output, every
 # residual add output, every projection conv output that ends a block without a residual, and
 # every other value a conv2d/linear reads (the pooled features before the classifier).
@@ -232,7 +233,8 @@ class PackConfig:
     mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
     kmeans_iters: int = 30
-    codebook: str = "auto"  # kmeans: scaled (SPEC 3.6), plain (3.3), auto: the smaller error
+    # kmeans: scaled (SPEC 3.6), plain (3.3), int (3.7), auto: the smaller error of scaled/plain
+    codebook: str = "auto"
     bias_correction: bool = True  # with --data: restore channel means/spreads (mbz.correct)
     act_bits: dict[str, int] = field(default_factory=dict)  # empty: float activations
     calib: str = "mse"

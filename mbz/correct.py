@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
-from mbz.format import ScaledCodebookTensor, Tensor, UniformTensor
+from mbz.format import Tensor, UniformTensor
+from mbz.format.tensors import ChannelCodebookTensor
 from mbz.graph_ops import weight_nodes
 from mbz.quantize import bias_tensor, half_scales
 from mbz.torch_graph import OPS, preprocess_images
@@ -41,7 +42,7 @@ def _channel_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.mean(1), flat.std(1, unbiased=False)
 
 
-def _rescale(tensor: ScaledCodebookTensor | UniformTensor, factor: np.ndarray) -> np.ndarray:
+def _rescale(tensor: ChannelCodebookTensor | UniformTensor, factor: np.ndarray) -> np.ndarray:
     """Multiply each output channel's stored scale by ``factor``, rounded to the stored
     precision (float16 for a lean uniform tensor's, where they fit); returns the factor that
     was applied."""
@@ -61,7 +62,7 @@ def _correct_node(
     mean_f, std_f = (s.cpu().numpy() for s in _channel_stats(y_float))
     mean_q, std_q = (s.cpu().numpy() for s in _channel_stats(y_quant))
     factor = np.ones_like(bias)
-    if isinstance(weight, ScaledCodebookTensor | UniformTensor) and weight.axis == 0:
+    if isinstance(weight, ChannelCodebookTensor | UniformTensor) and weight.axis == 0:
         ratio = std_f / np.maximum(std_q, MIN_STD)
         factor = _rescale(weight, np.where(std_q > MIN_STD, np.clip(ratio, *SCALE_LIMITS), 1.0))
     # y' = factor * (y_q - bias) + bias' must have the float mean

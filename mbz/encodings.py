@@ -35,6 +35,7 @@ METHODS: dict[Encoding, str] = {
     Encoding.CODEBOOK: "kmeans",
     Encoding.UNIFORM: "uniform",
     Encoding.SCALED_CODEBOOK: "kmeans",
+    Encoding.INT_CODEBOOK: "kmeans",
 }
 
 

@@ -10,7 +10,8 @@ will hold, so training sees exactly the model that gets written:
   share a centroid into it; the sum is divided by their number, so a centroid steps as far as
   the average of its weights would (a plain sum makes a centroid shared by 10^4 weights take
   10^4 weight steps: one epoch at learning rate 0.01 took a k-means conv=4,fc=2 MobileNet-v2
-  from 36% to 10% on the CIFAR-10 fragment);
+  from 36% to 10% on the CIFAR-10 fragment); ``ScaledCodebookWeight`` and ``IntCodebookWeight``
+  the same with per-channel scales and float16 or int8 centroids;
 - ``UniformWeight``: quantization-aware training with a straight-through estimator and LSQ
   (Esser et al. 2020) learnable scales (per channel or per tensor) on fixed zero points.
 
@@ -40,10 +41,12 @@ from mbz.format import (
     UniformTensor,
 )
 from mbz.format.encodings import encoding_of
+from mbz.format.tensors import ChannelCodebookTensor
 from mbz.graph_ops import weight_nodes
 from mbz.torch_graph import GraphModule
 
 MIN_SCALE = 1e-8  # learned scales are clamped to at least this, so codes stay finite
+INT8_MIN, INT8_MAX = -128, 127  # the range of an int_codebook centroid
 
 
 def straight_through(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -148,6 +151,7 @@ class CodebookWeight(nn.Module):
             bits=template.bits,
             mask=template.mask,
             entropy=template.entropy,
+            lean=template.lean,
         )
 
 
@@ -176,24 +180,39 @@ class ScaledCodebookWeight(CodebookWeight):
         self.share.copy_(torch.from_numpy(share).float())
         self.register_buffer("scale", torch.from_numpy(scale.astype(np.float32)))
 
+    def stored(self) -> torch.Tensor:
+        """The centroids as the file stores them (rounded to float16), as float32."""
+        return self.codebook.half().float()
+
     def forward(self) -> torch.Tensor:
         """The decoded weight, exactly as SPEC.md 3.6 computes it in float32."""
-        rounded = straight_through(self.codebook.half().float(), self.codebook)
+        rounded = straight_through(self.stored(), self.codebook)
         codebook = scaled_gradient(rounded, self.share)
         return _masked(self.scale * codebook[self.indices], self.mask)
 
-    def export(self, template: ScaledCodebookTensor) -> ScaledCodebookTensor:  # type: ignore[override]
+    def export(self, template: ChannelCodebookTensor) -> ChannelCodebookTensor:  # type: ignore[override]
         """``template`` (scales, indices, bits, mask, entropy coding) with the fine-tuned
-        codebook, as float16."""
-        return ScaledCodebookTensor(
-            codebook=self.codebook.detach().cpu().numpy().astype(np.float16),
+        codebook, stored as the template's centroids are."""
+        return type(template)(
+            codebook=_numpy(self.stored()).astype(template.codebook_dtype),
             scale=template.scale,
             indices=template.indices,
             bits=template.bits,
             axis=template.axis,
             mask=template.mask,
             entropy=template.entropy,
+            lean=template.lean,
         )
+
+
+class IntCodebookWeight(ScaledCodebookWeight):
+    """``scale[c] * codebook[indices]`` with int8 centroids (SPEC.md 3.7): as the scaled
+    codebook, the trainable centroids rounded to integers (half to even, straight through) and
+    clamped to int8 in the forward pass, so that what trains is what the file stores."""
+
+    def stored(self) -> torch.Tensor:
+        """The centroids as the file stores them (int8), as float32."""
+        return torch.round(self.codebook).clamp(INT8_MIN, INT8_MAX)
 
 
 class UniformWeight(nn.Module):
@@ -251,6 +270,7 @@ class UniformWeight(nn.Module):
             axis=template.axis,
             mask=template.mask,
             entropy=template.entropy,
+            lean=template.lean,
         )
 
 
@@ -279,6 +299,9 @@ TRAINABLE: dict[Encoding, Trainable] = {
     Encoding.UNIFORM: Trainable(UniformWeight, "uniform QAT (LSQ scales)"),
     Encoding.SCALED_CODEBOOK: Trainable(
         lambda _, t: ScaledCodebookWeight(t), "scaled k-means centroid fine-tuning"
+    ),
+    Encoding.INT_CODEBOOK: Trainable(
+        lambda _, t: IntCodebookWeight(t), "integer k-means centroid fine-tuning"
     ),
     Encoding.F16: Trainable(lambda v, t: FloatWeight(v, t.mask, float16=True), "float16 weights"),
     Encoding.F32: Trainable(lambda v, t: FloatWeight(v, t.mask), None),

@@ -1,7 +1,8 @@
 """The torch side's encoders: a float weight (and an optional keep-mask from weight pruning)
 becomes the container's tensor object of its encoding, so the bytes written are exactly what
 the quantizer decided. ``ENCODERS`` has one per ``Encoding`` (see ``mbz.encodings``): floats,
-per-layer codebooks fitted by k-means, and uniform integer codes.
+per-layer codebooks fitted by k-means (plain, scaled per channel, or scaled with integer
+centroids), and uniform integer codes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from mbz.format import (
     DenseTensor,
     Encoding,
     Entropy,
+    IntCodebookTensor,
     ScaledCodebookTensor,
     Tensor,
     UniformTensor,
@@ -36,7 +38,7 @@ class Coding:
     per_channel: bool = True  # uniform: one scale per output channel
     huffman: bool = False  # index streams Huffman-coded when that is smaller
     kmeans_iters: int = 30  # codebook: Lloyd iterations
-    codebook: str = "auto"  # kmeans: scaled, plain, or auto (scaled unless plain errs less)
+    codebook: str = "auto"  # kmeans: scaled, plain, int, or auto (see PackConfig.codebook)
     zero_symbol: bool = False  # codebooks: one centroid held at 0.0, the code of pruned weights
 
     @classmethod
@@ -44,7 +46,8 @@ class Coding:
         """The coding ``config`` gives a weight of ``bits`` bits."""
         encoding = weight_encoding(bits, config.method)
         if encoding == Encoding.CODEBOOK and config.codebook != "plain":
-            encoding = Encoding.SCALED_CODEBOOK
+            integer = config.codebook == "int"
+            encoding = Encoding.INT_CODEBOOK if integer else Encoding.SCALED_CODEBOOK
         return cls(
             encoding,
             bits,
@@ -159,20 +162,41 @@ F16_TINY = float(np.finfo(np.float16).smallest_subnormal)
 F16_MAX = float(np.finfo(np.float16).max)
 
 
-def scaled_codebook_quantize(
+@dataclass(frozen=True)
+class ChannelFit:
+    """A per-channel scaled codebook before it is stored: the weight (of ``shape``) as one row
+    per output channel, each channel's float16 scale, and the float32 k-means centroids fitted
+    to the rows divided by their scales."""
+
+    shape: tuple[int, ...]
+    rows: np.ndarray  # float32 [channels, rest]
+    scale: np.ndarray  # float16 [channels]
+    centroids: np.ndarray  # float32, sorted
+
+    def indices(
+        self, scale: np.ndarray, codebook: np.ndarray, mask: np.ndarray | None
+    ) -> np.ndarray:
+        """Each weight's nearest entry of ``codebook`` (sorted) once its channel is divided by
+        ``scale``, in the weight's shape (0 where ``mask`` is False), as uint8."""
+        normalised = self.rows / scale.astype(np.float32)[:, None]
+        indices = nearest_index(normalised, codebook.astype(np.float32)).reshape(self.shape)
+        if mask is not None:
+            indices[~mask] = pruned_index(codebook)
+        return indices
+
+
+def fit_channel_codebook(
     weight: np.ndarray,
     bits: int,
     mask: np.ndarray | None = None,
     iters: int = 30,
     importance: np.ndarray | None = None,
     pin_zero: bool = False,
-) -> ScaledCodebookTensor | None:
+) -> ChannelFit | None:
     """One k-means codebook for the layer over each output channel divided by its own scale
-    (its largest kept magnitude, as float16): ``w ~ scale[c] * codebook[index]`` (SPEC.md 3.6).
-
-    The values are weighted by ``scale[c]**2`` times ``importance`` (default 1), so the error
-    minimised is the weight's own; with ``pin_zero``, ``centroid_count`` centroids, one 0.0.
-    None when a scale does not fit float16."""
+    (its largest kept magnitude, as float16). The values are weighted by ``scale[c]**2`` times
+    ``importance`` (default 1), so the error minimised is the weight's own; with ``pin_zero``,
+    ``centroid_count`` centroids, one 0.0. None when a scale does not fit float16."""
     rows = weight.reshape(weight.shape[0], -1).astype(np.float32)
     keep = np.ones(rows.shape, bool) if mask is None else mask.reshape(rows.shape)
     peak = np.where(keep, np.abs(rows), 0).max(axis=1, initial=0.0)
@@ -185,15 +209,58 @@ def scaled_codebook_quantize(
     if importance is not None:
         weights = weights * importance.reshape(rows.shape)
     source, counts = (normalised[keep], weights[keep]) if keep.any() else (np.zeros(1), None)
-    k = centroid_count(bits, pin_zero)
-    codebook = kmeans_1d(source, k, iters, counts, pin_zero).astype(np.float16)
-    codebook = np.unique(codebook)  # float16 rounding may merge centroids
-    indices = nearest_index(normalised, codebook.astype(np.float32)).reshape(weight.shape)
-    if mask is not None:
-        indices[~mask] = pruned_index(codebook)
-    width = index_bits(bits, codebook)
+    centroids = kmeans_1d(source, centroid_count(bits, pin_zero), iters, counts, pin_zero)
+    return ChannelFit(weight.shape, rows, scale, centroids)
+
+
+def scaled_codebook_quantize(
+    weight: np.ndarray,
+    bits: int,
+    mask: np.ndarray | None = None,
+    iters: int = 30,
+    importance: np.ndarray | None = None,
+    pin_zero: bool = False,
+) -> ScaledCodebookTensor | None:
+    """``w ~ scale[c] * codebook[index]`` (SPEC.md 3.6): the fit of ``fit_channel_codebook``
+    with float16 centroids. None when a scale does not fit float16."""
+    fit = fit_channel_codebook(weight, bits, mask, iters, importance, pin_zero)
+    if fit is None:
+        return None
+    codebook = np.unique(fit.centroids.astype(np.float16))  # float16 may merge centroids
+    indices = fit.indices(fit.scale, codebook, mask)
+    bits = index_bits(bits, codebook)  # one wider for a pinned 0.0 on top
     return ScaledCodebookTensor(
-        codebook=codebook, scale=scale, indices=indices, bits=width, axis=0, mask=mask, lean=True
+        codebook=codebook, scale=fit.scale, indices=indices, bits=bits, axis=0, mask=mask, lean=True
+    )
+
+
+INT8_TOP = 127  # the integer centroids lie in -127..127
+
+
+def int_codebook_quantize(
+    weight: np.ndarray,
+    bits: int,
+    mask: np.ndarray | None = None,
+    iters: int = 30,
+    importance: np.ndarray | None = None,
+    pin_zero: bool = False,
+) -> IntCodebookTensor | None:
+    """``w ~ scale[c] * codebook[index]`` with int8 centroids (SPEC.md 3.7): the fit of
+    ``fit_channel_codebook``, its centroids ``c`` rounded to ``round(c * 127 / m)`` (``m`` the
+    largest ``|c|``) and every scale multiplied by ``m / 127`` (as float16), then each weight
+    re-assigned to its nearest integer centroid. None when a scale does not fit float16."""
+    fit = fit_channel_codebook(weight, bits, mask, iters, importance, pin_zero)
+    if fit is None:
+        return None
+    largest = float(np.abs(fit.centroids).max(initial=0.0)) or 1.0
+    integers = np.round(fit.centroids.astype(np.float64) * (INT8_TOP / largest))
+    codebook = np.unique(integers).astype(np.int8)  # rounding may merge centroids
+    scale = (fit.scale.astype(np.float64) * (largest / INT8_TOP)).astype(np.float16)
+    scale = np.where(scale > 0, scale, np.float16(F16_TINY))
+    indices = fit.indices(scale, codebook, mask)
+    bits = index_bits(bits, codebook)  # one wider for a pinned 0.0 on top
+    return IntCodebookTensor(
+        codebook=codebook, scale=scale, indices=indices, bits=bits, axis=0, mask=mask, lean=True
     )
 
 
@@ -283,22 +350,28 @@ def _encode_codebook(weight: np.ndarray, coding: Coding, mask: np.ndarray | None
     return tensor
 
 
-def _encode_scaled_codebook(
-    weight: np.ndarray, coding: Coding, mask: np.ndarray | None
-) -> Tensor:
-    """The scaled codebook; a plain one when a scale does not fit float16, or (``auto``) when
-    the plain one's error is smaller."""
-    bits, iters, pin = coding.bits, coding.kmeans_iters, coding.zero_symbol
-    candidates: list[Tensor | None] = [
-        scaled_codebook_quantize(weight, bits, mask, iters, pin_zero=pin)
-    ]
-    if candidates[0] is None or coding.codebook == "auto":
-        candidates.append(codebook_quantize(weight, bits, mask, iters, pin))
-    tensor = min(
-        (c for c in candidates if c is not None), key=lambda t: weighted_error(weight, t, None)
-    )
-    tensor.entropy = coding.entropy  # type: ignore[union-attr]
-    return tensor
+ChannelQuantizer = Callable[
+    [np.ndarray, int, np.ndarray | None, int, np.ndarray | None, bool],
+    ScaledCodebookTensor | IntCodebookTensor | None,
+]
+
+
+def _encode_channel_codebook(quantize: ChannelQuantizer, versus_plain: bool) -> Encoder:
+    """The encoder of a per-channel scaled codebook made by ``quantize``; a plain codebook
+    instead when a scale does not fit float16, or (``versus_plain`` and ``auto``) when the
+    plain one's error is smaller."""
+
+    def encode(weight: np.ndarray, coding: Coding, mask: np.ndarray | None) -> Tensor:
+        bits, iters, pin = coding.bits, coding.kmeans_iters, coding.zero_symbol
+        fitted = quantize(weight, bits, mask, iters, None, pin)
+        candidates: list[Tensor] = [] if fitted is None else [fitted]
+        if fitted is None or (versus_plain and coding.codebook == "auto"):
+            candidates.append(codebook_quantize(weight, bits, mask, iters, pin))
+        tensor = min(candidates, key=lambda t: weighted_error(weight, t, None))
+        tensor.entropy = coding.entropy  # type: ignore[union-attr]
+        return tensor
+
+    return encode
 
 
 def _encode_uniform(weight: np.ndarray, coding: Coding, mask: np.ndarray | None) -> Tensor:
@@ -321,7 +394,8 @@ ENCODERS: dict[Encoding, Encoder] = {
     Encoding.F16: _encode_float(np.float16),
     Encoding.CODEBOOK: _encode_codebook,
     Encoding.UNIFORM: _encode_uniform,
-    Encoding.SCALED_CODEBOOK: _encode_scaled_codebook,
+    Encoding.SCALED_CODEBOOK: _encode_channel_codebook(scaled_codebook_quantize, True),
+    Encoding.INT_CODEBOOK: _encode_channel_codebook(int_codebook_quantize, False),
 }
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mbz.format.constants import Op
-from mbz.format.tensors import UniformTensor
+from mbz.format.tensors import IntCodebookTensor, UniformTensor
 
 F32 = np.float32
 FLOAT32_EXACT = 2**24  # integers below this magnitude are exact in float32 (and their sums)
@@ -75,7 +75,12 @@ class ExactLayer:
 def integer_weight(tensor: Any) -> IntegerWeight | None:
     """The integer form of a stored weight, or None when its values are not integers times a
     per-output-channel scale (float, plain-codebook and scaled-codebook tensors, uniform codes
-    scaled along another axis)."""
+    and integer codebooks scaled along another axis)."""
+    if isinstance(tensor, IntCodebookTensor) and tensor.axis == 0:
+        values = tensor.codebook.astype(np.int32)[tensor.indices]
+        if tensor.mask is not None:
+            values = np.where(tensor.mask, values, 0).astype(np.int32)
+        return IntegerWeight(values, tensor.scale.astype(F32))
     if isinstance(tensor, UniformTensor) and tensor.axis in (None, 0):
         channels = tensor.shape[0]
         view = (-1,) + (1,) * (tensor.qdata.ndim - 1)
