@@ -233,7 +233,8 @@ class PackConfig:
     mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
     kmeans_iters: int = 30
-    # kmeans: scaled (SPEC 3.6), plain (3.3), int (3.7), auto: the smaller error of scaled/plain
+    # kmeans: scaled (SPEC 3.6), plain (3.3), int (3.7); auto: int when act_bits quantizes
+    # activations, else the smaller error of scaled and plain
     codebook: str = "auto"
     bias_correction: bool = True  # with --data: restore channel means/spreads (mbz.correct)
     act_bits: dict[str, int] = field(default_factory=dict)  # empty: float activations

@@ -46,7 +46,9 @@ class Coding:
         """The coding ``config`` gives a weight of ``bits`` bits."""
         encoding = weight_encoding(bits, config.method)
         if encoding == Encoding.CODEBOOK and config.codebook != "plain":
-            integer = config.codebook == "int"
+            # auto: integer centroids once activations are codes, so the layers are exact
+            auto_int = config.codebook == "auto" and bool(config.act_bits)
+            integer = config.codebook == "int" or auto_int
             encoding = Encoding.INT_CODEBOOK if integer else Encoding.SCALED_CODEBOOK
         return cls(
             encoding,

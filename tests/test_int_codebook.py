@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from mbz.format import IntCodebookTensor, decode_mbz, encode_mbz, read_mbz
+from mbz.config import PackConfig
+from mbz.format import Encoding, IntCodebookTensor, decode_mbz, encode_mbz, read_mbz
 from mbz.onnx.export import export_onnx
 from mbz.onnx.session import OnnxProgram
 from mbz.qat import IntCodebookWeight
-from mbz.quantize import int_codebook_quantize, scaled_codebook_quantize
+from mbz.quantize import Coding, int_codebook_quantize, scaled_codebook_quantize
 from mbz.runtime import load_program
-from mbz.runtime.exact import exact_layers, integer_weight
+from mbz.runtime.exact import all_exact, exact_layers, integer_weight
 from mbz.torch_graph import GraphModule, image_batches
 from tests.helpers import (
     invoke,
@@ -99,8 +100,32 @@ def test_fine_tuning_moves_integer_centroids_and_exports_what_it_trained():
         np.testing.assert_array_equal(module().numpy(), exported.decode())
 
 
+@pytest.mark.parametrize(
+    ("codebook", "act_bits", "encoding"),
+    [
+        ("auto", {}, Encoding.SCALED_CODEBOOK),
+        ("auto", {"relu": 8}, Encoding.INT_CODEBOOK),
+        ("int", {}, Encoding.INT_CODEBOOK),
+        ("scaled", {"relu": 8}, Encoding.SCALED_CODEBOOK),
+        ("plain", {"relu": 8}, Encoding.CODEBOOK),
+    ],
+)
+def test_auto_takes_integer_centroids_when_activations_are_quantized(codebook, act_bits, encoding):
+    config = PackConfig(method="kmeans", codebook=codebook, act_bits=act_bits)
+    assert Coding.of(config, 4).encoding == encoding
+    assert Coding.of(config, 16).encoding == Encoding.F16
+    uniform = PackConfig(method="uniform", codebook=codebook, act_bits=act_bits)
+    assert Coding.of(uniform, 4).encoding == Encoding.UNIFORM
+
+
+def test_pack_help_names_the_integer_codebook():
+    text = " ".join(invoke("pack", "--help").output.split())
+    assert "int (SPEC 3.7" in text and "int when --act-bits quantizes activations" in text
+
+
 def pack_int_codebook(workdir, *flags: object) -> tuple:
-    """A narrow MobileNet-v2 packed with 4-bit integer codebooks and ``flags``, and its data."""
+    """A narrow MobileNet-v2 packed with 4-bit k-means codebooks and ``flags`` (which must give
+    integer codebooks), and its data."""
     model, data, out = workdir / "model.pt", workdir / "data.npz", workdir / "int.mbz"
     rng = np.random.default_rng(5)
     train = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
@@ -112,8 +137,7 @@ def pack_int_codebook(workdir, *flags: object) -> tuple:
         x_test=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8),
         y_test=rng.integers(0, 10, 24, dtype=np.uint8),
     )
-    invoke("pack", model, "--bits", "conv=4,fc=4", "--codebook", "int", *flags, "--data", data,
-           "-o", out)
+    invoke("pack", model, "--bits", "conv=4,fc=4", *flags, "--data", data, "-o", out)
     mbz = read_mbz(out)
     weights = [t for name, t in mbz.tensors.items() if name.endswith("weight")]
     assert weights and all(isinstance(t, IntCodebookTensor) for t in weights)
@@ -122,7 +146,7 @@ def pack_int_codebook(workdir, *flags: object) -> tuple:
 
 @pytest.mark.slow
 def test_numpy_torch_and_onnx_agree_on_a_packed_int_codebook_file(tmp_path):
-    path, data, mbz = pack_int_codebook(tmp_path)
+    path, data, mbz = pack_int_codebook(tmp_path, "--codebook", "int")
     images = np.load(data)["x_test"]
     numpy_logits = load_program(path).predict(images)
     params = {name: tensor.decode() for name, tensor in mbz.tensors.items()}
@@ -140,7 +164,8 @@ def test_numpy_torch_and_onnx_agree_on_a_packed_int_codebook_file(tmp_path):
 
 @pytest.mark.slow
 def test_with_quantized_activations_every_layer_reading_codes_is_exact(tmp_path):
-    _, _, mbz = pack_int_codebook(tmp_path, "--act-bits", 8)
+    """``--act-bits`` alone picks integer codebooks (auto), and they make the layers exact."""
+    path, data, mbz = pack_int_codebook(tmp_path, "--act-bits", 8)
     graph = mbz.metadata["graph"]
     codes = {n["output"] for n in graph["nodes"] if n["op"] == "quantize"}
     reading = {
@@ -148,3 +173,6 @@ def test_with_quantized_activations_every_layer_reading_codes_is_exact(tmp_path)
         and n["inputs"][0] in codes
     }
     assert reading and set(exact_layers(graph, mbz.tensors)) == reading
+    assert all_exact(graph, mbz.tensors)  # so eval fails on any logit difference
+    report = json.loads(invoke("eval", path, "--data", data, "--runtime", "all", "--json").output)
+    assert report["ok"], report["failures"]

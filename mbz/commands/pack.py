@@ -62,8 +62,9 @@ _PACK_FLAGS: dict[str, Flag] = {
     "codebook": Flag(
         "--method kmeans only: which codebook to fit per layer: scaled (SPEC 3.6), plain "
         "(SPEC 3.3), int (SPEC 3.7: int8 centroids times a float16 scale per channel, so a "
-        "layer over quantized activations accumulates exactly in every runtime), or auto, the "
-        "one of scaled and plain with the smaller error.",
+        "layer over quantized activations accumulates exactly in every runtime), or auto: int "
+        "when --act-bits quantizes activations, else the one of scaled and plain with the "
+        "smaller error.",
         click.Choice(CODEBOOK_KINDS),
     ),
     "prune": Flag(
