@@ -131,11 +131,12 @@ class CodePooling(nn.Module):
         """``node`` reads the output of a quantize node of scale ``input_scale``."""
         super().__init__()
         self.op, self.attrs = node["op"], node["attrs"]
+        self.input_scale = float(np.float32(input_scale))
         self.register_buffer("scale", torch.tensor(np.float32(input_scale)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled float32 values of the fake-quantized input ``x``."""
-        ints = integers(x, float(self.scale), torch.float64)
+        ints = integers(x, self.input_scale, torch.float64)
         if self.op == Op.GLOBAL_AVGPOOL:
             total, window = ints.sum((2, 3), keepdim=True), x.shape[2] * x.shape[3]
         else:
