@@ -510,6 +510,18 @@ def skewed_uniform(rng, shape, bits, axis, zero_points, mask=None) -> UniformTen
     )
 
 
+def int_codebook(rng, shape, bits, mask=None) -> IntCodebookTensor:
+    """int8 centroids spanning -128..127, float16 scales per output channel."""
+    centroids = np.unique(np.r_[-128, 127, rng.integers(-128, 128, 2**bits - 2)])
+    return IntCodebookTensor(
+        codebook=centroids.astype(np.int8),
+        scale=rng.uniform(1e-4, 1e-3, shape[0]).astype(np.float16),
+        indices=rng.integers(0, len(centroids), shape).astype(np.uint8),
+        bits=bits,
+        mask=mask,
+    )
+
+
 WIDE_ZERO_POINTS = [0, 255, 7, 128, 30, 200, 1, 90]  # no one offset makes w_int uint8
 # id -> (weight builder(rng, shape, mask), in channels, density, stride, pad, dilation, groups)
 EXACT_CONVS = {
@@ -527,6 +539,8 @@ EXACT_CONVS = {
     "grouped_8bit": (
         lambda r, s, m: skewed_uniform(r, s, 8, 0, WIDE_ZERO_POINTS, m), 16, 1, 1, 1, 1, 2
     ),
+    "int_codebook_4bit_sparse": (lambda r, s, m: int_codebook(r, s, 4, m), 96, 0.6, 1, 1, 1, 1),
+    "int_codebook_8bit_depthwise": (lambda r, s, m: int_codebook(r, s, 8, m), 8, 1, 1, 1, 1, 8),
 }
 ACT_CASES = [(8, 0.05, 0), (4, 0.3, 3)]
 
@@ -660,6 +674,9 @@ def test_pooling_of_codes_is_an_integer_sum(tmp_path, op: str, act) -> None:
 PACKS = {
     "uniform8_act8": ("--bits", "conv=8,fc=8", "--method", "uniform", "--act-bits", 8),
     "uniform4_act4": ("--bits", "conv=4,fc=4", "--method", "uniform", "--act-bits", 4),
+    "kmeans4_int_act4": (
+        *("--bits", "conv=4,fc=4", "--method", "kmeans", "--codebook", "int", "--act-bits", 4),
+    ),
 }
 
 
