@@ -1,9 +1,12 @@
 """Mixed precision to a byte budget: ``--target-ratio R`` / ``--target-size BYTES``.
 
 Each quantizable layer gets candidate encodings, one per bit width of ``CANDIDATE_BITS`` (a single
-one when a ``--bits`` rule pins the layer). A candidate's *cost* is the exact number of bytes its
-section adds to the file (``mbz.format``'s encoding of the tensor, Huffman included, rounded up to
-the section alignment); its *sensitivity* is the increase in loss it is expected to cause:
+one when a ``--bits`` rule pins the layer); with ``--prune-mode weight``, one per bit width and
+sparsity of ``CANDIDATE_SPARSITIES`` (the layer's smallest magnitudes pruned; at least what
+``--prune`` prunes), so the budget trades sparsity for bits. A candidate's *cost* is the exact
+number of bytes its section adds to the file (``mbz.format``'s encoding of the tensor in the
+layout the file stores, Huffman included, rounded up to the section alignment); its
+*sensitivity* is the increase in loss it is expected to cause:
 ``0.5 * sum(F * (w - q(w))**2)``, with ``F`` the diagonal Fisher information of the folded float
 model on calibration images (the second-order term of the loss around trained weights), scaled
 per layer so that at PROBE_BITS it equals the measured KL divergence of the logits from the float
@@ -17,6 +20,7 @@ choice is redone with that much less room.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -37,6 +41,7 @@ from mbz.quantize import Coding, quantize_weight, smallest_layout, weighted_erro
 from mbz.torch_graph import GraphModule, image_batches, preprocess_images
 
 CANDIDATE_BITS = (2, 3, 4, 5, 6, 8)  # the bit widths a layer no --bits rule pins may get
+CANDIDATE_SPARSITIES = (0.0, 0.25, 0.5, 0.75)  # with --prune-mode weight: shares a layer may prune
 BUCKETS = 1 << 14  # knapsack resolution: the costliest choice spans this many buckets
 HEADROOM = 1024  # bytes kept free for metadata written after the choice (the accuracies)
 MAX_ROUNDS = 8  # choices tried with less room before falling back to the smallest one
@@ -56,6 +61,12 @@ class Candidate:
     tensor: Tensor
     cost: int  # bytes its section adds to the file, alignment padding included
     sensitivity: float  # expected loss increase: 0.5 * sum(F * (w - decoded)**2)
+
+    @property
+    def sparsity(self) -> float:
+        """The share of the weight it prunes (0.0 without a mask)."""
+        mask = self.tensor.mask
+        return 0.0 if mask is None else float(1.0 - mask.mean())
 
 
 class BudgetError(MbzError):
@@ -114,8 +125,9 @@ def probe_kl(
     dataset: Dataset,
     progress: Progress = None,
 ) -> dict[str, tuple[Candidate, float]]:
-    """Per weight, its candidate nearest PROBE_BITS and the measured mean KL divergence of the
-    logits from the float model's on ``dataset`` when that weight alone is so encoded."""
+    """Per weight, its candidate nearest PROBE_BITS (the least sparse of those) and the measured
+    mean KL divergence of the logits from the float model's on ``dataset`` when that weight
+    alone is so encoded."""
     module = GraphModule(graph, params)
     preprocess = {"mean": list(config.mean), "std": list(config.std)}
     x = preprocess_images(dataset.images, preprocess, "cpu")
@@ -123,7 +135,7 @@ def probe_kl(
     with torch.no_grad():
         reference = module(x).log_softmax(1)
         for name, layer in options.items():
-            probe = min(layer, key=lambda c: abs(c.bits - PROBE_BITS))
+            probe = min(layer, key=lambda c: (abs(c.bits - PROBE_BITS), c.sparsity))
             slot = module.get_buffer(module.slots[name])
             saved = slot.clone()
             slot.copy_(torch.from_numpy(np.asarray(probe.tensor.decode(), np.float32)))
@@ -160,16 +172,37 @@ def layer_candidates(
     weight: np.ndarray,
     fisher: np.ndarray | None,
     codings: Iterable[Coding],
-    mask: np.ndarray | None = None,
+    masks: Iterable[np.ndarray | None] = (None,),
 ) -> list[Candidate]:
-    """The weight encoded by each of ``codings``, less the candidates another beats; without
-    ``fisher``, the sensitivities are plain squared errors."""
+    """The weight encoded by each of ``codings`` under each keep-mask of ``masks``, less the
+    candidates another beats; without ``fisher``, the sensitivities are plain squared errors
+    (a pruned weight's error is its whole value)."""
     found = []
-    for coding in codings:
+    for coding, mask in itertools.product(codings, masks):
         tensor = quantize_weight(weight, coding, mask)
         error = 0.5 * weighted_error(weight, tensor, fisher)
         found.append(Candidate(coding.bits, tensor, section_cost(name, tensor), error))
     return undominated(found)
+
+
+def candidate_masks(
+    weight: np.ndarray, floor: np.ndarray | None, config: PackConfig
+) -> list[np.ndarray | None]:
+    """The keep-masks a layer's candidates may have: ``floor`` (what ``--prune`` removes, None:
+    nothing) and, with ``--prune-mode weight``, one per CANDIDATE_SPARSITIES above it, each
+    dropping the layer's smallest magnitudes after what ``floor`` drops (so they nest)."""
+    if config.prune_mode != "weight":
+        return [floor]
+    kept = np.ones(weight.size, bool) if floor is None else floor.ravel()
+    order = np.lexsort((np.abs(weight).ravel(), kept))  # pruned first, then by magnitude
+    masks = [floor]
+    for sparsity in CANDIDATE_SPARSITIES:
+        drop = round(sparsity * weight.size)
+        if drop > weight.size - np.count_nonzero(kept):
+            keep = np.ones(weight.size, bool)
+            keep[order[:drop]] = False
+            masks.append(keep.reshape(weight.shape))
+    return masks
 
 
 def undominated(candidates: Iterable[Candidate]) -> list[Candidate]:
@@ -260,15 +293,20 @@ def choose(
     progress: Progress = None,
 ) -> Choice:
     """The encodings of the weights ``layers`` (weight tensor name -> its layer) that fit
-    ``target`` bytes with the least summed sensitivity, measured on ``calibration``."""
+    ``target`` bytes with the least summed sensitivity, measured on ``calibration``; ``masks``
+    are what ``--prune`` removes (``candidate_masks`` may remove more)."""
     widths = {name: candidate_bits(config, info) for name, info in layers.items()}
+    kept = {name: candidate_masks(params[name], masks.get(name), config) for name in layers}
 
-    def candidates(name: str, fisher: np.ndarray | None, bits: Iterable[int]) -> list[Candidate]:
+    def candidates(
+        name: str, fisher: np.ndarray | None, bits: Iterable[int], most_sparse: bool = False
+    ) -> list[Candidate]:
         codings = [Coding.of(config, b) for b in bits]
-        return layer_candidates(name, params[name], fisher, codings, masks.get(name))
+        options = kept[name][-1:] if most_sparse else kept[name]
+        return layer_candidates(name, params[name], fisher, codings, options)
 
     # the fewest bits first: an impossible budget is refused before the sensitivity pass
-    fewest = {name: candidates(name, None, [min(bits)])[0] for name, bits in widths.items()}
+    fewest = {name: candidates(name, None, [min(bits)], True)[0] for name, bits in widths.items()}
     check_reachable(fewest, target, size_of)
     fisher = fisher_diagonal(graph, params, layers, config, calibration, progress)
     options = {name: candidates(name, fisher[name], bits) for name, bits in widths.items()}

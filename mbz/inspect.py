@@ -86,9 +86,12 @@ def _layer_row(mbz: MbzFile, node: dict, tensor_rows: dict[str, dict]) -> dict:
     weight = tensor_rows[node["params"].get("weight", names[0])]
     after = weight["shape"]
     before = _shape_before(mbz.metadata, node["name"]) or after
-    tensor = mbz.tensors[weight["tensor"]]
-    codebook = getattr(tensor, "codebook", None)
-    zero_symbol = _zero_symbol(mbz.metadata, node["name"]) and weight["sparsity"] == "none"
+    codebook = getattr(mbz.tensors[weight["tensor"]], "codebook", None)
+    sparsity = 1.0 - weight["nnz"] / max(1, int(np.prod(after)))
+    mask_encoding = weight["sparsity"]
+    recorded = _zero_symbol_sparsity(mbz.metadata, node["name"])
+    if recorded is not None and mask_encoding == "none":
+        sparsity, mask_encoding = recorded, "zero_symbol"
     row = {
         "layer": node["name"],
         "op": node["op"],
@@ -99,12 +102,8 @@ def _layer_row(mbz: MbzFile, node: dict, tensor_rows: dict[str, dict]) -> dict:
         "encoding": weight["encoding"],
         "entropy": weight["entropy"],
         "codebook_size": None if codebook is None else int(codebook.size),
-        "sparsity": (
-            float(np.mean(tensor.decode() == 0))
-            if zero_symbol
-            else 1.0 - weight["nnz"] / max(1, int(np.prod(after)))
-        ),
-        "mask_encoding": "zero_symbol" if zero_symbol else weight["sparsity"],
+        "sparsity": sparsity,
+        "mask_encoding": mask_encoding,
         "tensors": names,
     }
     for key in (*CATEGORIES, *_STREAM_KEYS, "bytes"):
@@ -259,13 +258,20 @@ def _accuracy(metadata: dict) -> dict | None:
     return accuracy
 
 
-def _zero_symbol(metadata: dict, layer: str) -> bool:
-    """Whether the layer's pruned weights are stored as the symbol that decodes to 0.0 (no
-    mask), as the informative ``layers`` key ``zero_symbol`` records it."""
-    flag = _object(_object(metadata, "layers"), layer).get("zero_symbol", False)
-    if not isinstance(flag, bool):
-        raise MbzFormatError(f"metadata: layers[{layer[:100]!r}].zero_symbol must be a boolean")
-    return flag
+def _zero_symbol_sparsity(metadata: dict, layer: str) -> float | None:
+    """The share of its weights a layer prunes when it stores them as the symbol that decodes
+    to 0.0 (no mask, so the file's counts cannot tell), as the informative ``layers`` keys
+    ``zero_symbol`` and ``sparsity`` record it; None for other layers."""
+    facts = _object(_object(metadata, "layers"), layer)
+    where = f"metadata: layers[{layer[:100]!r}]"
+    if not isinstance(facts.get("zero_symbol", False), bool):
+        raise MbzFormatError(f"{where}.zero_symbol must be a boolean")
+    if not facts.get("zero_symbol"):
+        return None
+    sparsity = json_float32(facts.get("sparsity"), f"{where}.sparsity")
+    if not 0 <= sparsity <= 1:
+        raise MbzFormatError(f"{where}.sparsity must be in 0..1")
+    return sparsity
 
 
 def _shape_before(metadata: dict, layer: str) -> list[int] | None:

@@ -102,7 +102,8 @@ def quantize_graph(
         tensors[name] = (
             planned[name].tensor if planned else quantize_weight(params[name], coding, mask)
         )
-        sparsity = 0.0 if mask is None else float(1.0 - mask.mean())
+        kept = tensors[name].mask  # a budget's choice may prune more than ``masks`` do
+        sparsity = 0.0 if kept is None else float(1.0 - kept.mean())
         layers[node["name"]] = {
             "weight": name,
             "bits": bits,

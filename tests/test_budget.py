@@ -11,7 +11,9 @@ import mbz
 from mbz.budget import (
     CANDIDATE_BITS,
     HEADROOM,
+    BudgetError,
     Candidate,
+    candidate_masks,
     fisher_diagonal,
     fit,
     knapsack,
@@ -148,3 +150,66 @@ def test_tighter_budgets_never_cost_more_bytes_nor_lose_less(data):
             assert size <= previous[0] and loss >= previous[1]
         previous = (size, loss)
     assert previous[1] > 0
+
+
+def test_sparsity_candidates_start_from_the_prune_floor_and_nest():
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    floor = np.abs(weight) > np.quantile(np.abs(weight), 0.3)
+    masks = candidate_masks(weight, floor, PackConfig(prune_mode="weight"))
+    assert masks[0] is floor
+    sparsities = [1 - m.mean() for m in masks]
+    assert sparsities == pytest.approx([0.3, 0.5, 0.75], abs=1e-3)
+    for wider, narrower in itertools.pairwise(masks):
+        assert not (narrower & ~wider).any()  # what one prunes, the sparser ones prune too
+        # what a sparser mask drops on top is smaller than anything it keeps
+        assert np.abs(weight[wider & ~narrower]).max() <= np.abs(weight[narrower]).min()
+    assert candidate_masks(weight, None, PackConfig(prune_mode="channel")) == [None]
+
+
+def test_the_budget_prunes_where_that_is_cheaper_than_fewer_bits():
+    # Half of each weight is near zero: pruning the smallest magnitudes loses less than the
+    # coarser codes the same bytes buy without pruning, and reaches sizes they cannot.
+    rng = np.random.default_rng(5)
+    weights = {}
+    for i in range(3):
+        weight = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+        weight[rng.random(weight.shape) < 0.5] *= 1e-3
+        weights[f"w{i}"] = weight
+
+    def choose(config, target):
+        codings = [Coding.of(config, bits) for bits in CANDIDATE_BITS]
+        options = {
+            n: layer_candidates(n, w, None, codings, candidate_masks(w, None, config))
+            for n, w in weights.items()
+        }
+        return fit(options, target + HEADROOM, lambda c: sum(x.cost for x in c.values()))
+
+    def loss(choice):
+        return sum(c.sensitivity for c in choice.values())
+
+    dense, sparse = choose(PackConfig(), 2700), choose(PackConfig(prune_mode="weight"), 2700)
+    assert sum(c.cost for c in dense.values()) <= 2700
+    assert sum(c.cost for c in sparse.values()) <= 2700
+    assert all(c.sparsity == 0 for c in dense.values())
+    assert any(c.sparsity > 0 for c in sparse.values()) and loss(sparse) < loss(dense)
+    with pytest.raises(BudgetError):  # below the smallest dense choice: only pruning fits
+        choose(PackConfig(), 2550)
+    smaller = choose(PackConfig(prune_mode="weight"), 2550)
+    assert sum(c.cost for c in smaller.values()) <= 2550
+    for name, candidate in smaller.items():  # pruned positions decode to exactly zero
+        mask = candidate.tensor.mask
+        assert candidate.sparsity > 0 and np.all(candidate.tensor.decode()[~mask] == 0.0), name
+
+
+@pytest.mark.slow
+def test_a_budget_with_weight_pruning_fits_and_records_the_sparsity(tmp_path, model, data):
+    out = tmp_path / "m.mbz"
+    result = mbz.pack(model, out, data=str(data), target_ratio=12.0, prune_mode="weight",
+                      calib_images=32)
+    assert result.fp32_bytes / out.stat().st_size >= 12.0
+    layers = read_mbz(out).metadata["layers"]
+    assert any(facts["sparsity"] >= 0.25 for facts in layers.values())
+    rows = {row["layer"]: row for row in describe(out)["layers"]}
+    for name, facts in layers.items():
+        assert rows[name]["sparsity"] == pytest.approx(facts["sparsity"], abs=1e-6)

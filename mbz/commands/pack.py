@@ -74,9 +74,11 @@ _PACK_FLAGS: dict[str, Flag] = {
     "prune_mode": Flag(
         "channel (default): remove whole channels with the smallest BatchNorm gamma (network "
         "slimming); layers become physically smaller, so the file needs no masks and every "
-        "runtime gets faster. weight: remove the smallest weights anywhere (global magnitude) "
-        "and store bitmap/CSR masks; keeps more accuracy at the same fraction but saves less "
-        "and runs no faster.",
+        "runtime gets faster. weight: remove the smallest weights anywhere (global magnitude), "
+        "stored as a bitmap/CSR mask or, where smaller, as the code that decodes to 0.0; keeps "
+        "more accuracy at the same fraction but saves less and runs no faster. With "
+        "--target-ratio/--target-size, weight also lets the budget prune each layer further "
+        "(25, 50 or 75% of its smallest weights) where that loses less than fewer bits.",
         click.Choice(PRUNE_MODES),
     ),
     "symmetric": Flag(
@@ -94,7 +96,8 @@ _PACK_FLAGS: dict[str, Flag] = {
         "Choose the bits of each layer (2, 3, 4, 5, 6 or 8) so that the file is at least R times "
         "smaller than the FP32 model, in real file bytes, losing the least: each layer's "
         "sensitivity is measured on --calib-images images of --data's train split (Fisher "
-        "information times quantization error), then a knapsack picks the bits. --bits rules "
+        "information times quantization error), then a knapsack picks the bits (and, with "
+        "--prune-mode weight, the sparsity of each layer). --bits rules "
         "other than the defaults pin the layers they select. Fails, naming the smallest "
         "reachable size, when the budget cannot be met. Needs --data; 0: off.",
         click.FloatRange(min=0),
