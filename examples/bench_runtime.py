@@ -113,6 +113,7 @@ def main() -> None:
         }
         for name, rate in best_rates(runs, test.images, args.repeats).items():
             report[f"{name}_images_per_s"][batch] = rate
+            print(f"batch {batch}: {name} {rate:.1f} images/s", flush=True)
     torch_logits = torch_runner(path, 256)(test.images)
     report["agreement"] = float((torch_logits.argmax(1) == numpy_logits.argmax(1)).mean())
     report["max_logit_difference_numpy_torch"] = float(

@@ -346,7 +346,7 @@ def _kernel(
     attrs = dict(node["attrs"])
     quantize = attrs.pop("quantize", None)
     if plan is not None:
-        kernel = _exact_kernel(node["op"], plan, attrs)
+        kernel = _exact_kernel(node["op"], plan, attrs, quantize)
     elif pooled_codes:
         kernel = CODES_POOLING[node["op"]]({}, attrs)
     else:
@@ -360,10 +360,25 @@ def _kernel(
     return kernel, blocked or pooled_codes
 
 
-def _exact_kernel(op: Op, plan: ExactLayer, attrs: dict) -> Kernel:
+def _clip_subsumed(activation: str | None, quantize: dict) -> bool:
+    """Whether a fused relu/relu6 changes none of the codes of the quantize that follows it, so
+    that its pass can be skipped: with zero point 0, the quantize's own clamp maps every
+    negative value to code 0, and every value above 6 to the top code when ``6 * inv_scale``
+    (float32, rounded monotonically) reaches it."""
+    if activation not in CLIP_BOUNDS or quantize["zero_point"] != 0:
+        return False
+    high = F32(CLIP_BOUNDS[activation][1]) * (F32(1) / F32(quantize["scale"]))
+    return bool(high >= 2 ** quantize["bits"] - 1)
+
+
+def _exact_kernel(op: Op, plan: ExactLayer, attrs: dict, quantize: dict | None) -> Kernel:
     """The float kernel of a conv2d/linear on the plan's integer weight (as float32, exact),
     with its epilogue multiplier, summing exactly: in float32 chunks (``_chunk_terms``), or for
-    a depthwise convolution whose sums could reach ``2**24``, in float64."""
+    a depthwise convolution whose sums could reach ``2**24``, in float64. The fused clip is
+    skipped where the ``quantize`` that follows makes it a no-op (``_clip_subsumed``); the
+    float path keeps it, so that it stays the runtime as it was before exact layers."""
+    if quantize is not None and _clip_subsumed(attrs.get("activation"), quantize):
+        attrs = {key: value for key, value in attrs.items() if key != "activation"}
     weights = {"weight": plan.weight.astype(F32), "bias": plan.bias}
     kernel = cast(partial, KERNEL_BUILDERS[op](weights, attrs))
     extra: dict[str, Any] = {"multiplier": plan.multiplier}

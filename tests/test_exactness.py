@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -462,3 +463,23 @@ def test_numpy_layer_whose_bound_reaches_int32_runs_the_float_path():
     x = ((codes.astype(F32)) * F32(ACT_SCALE)).astype(F32)
     float_path = Program(graph, params, preprocess).run(x)
     assert run_exact(nodes, tensors, codes, 0).tobytes() == float_path.tobytes()
+
+
+@pytest.mark.parametrize(("scale", "zero_point"), [(6 / 255, 0), (0.05, 0), (0.02, 3)])
+def test_numpy_exact_conv_with_relu6_and_quantize_equals_an_integer_reference(scale, zero_point):
+    # 6 / scale reaches the top code only for the first: the others clip at 6 before quantizing
+    tensors = uniform_layer("conv", (16, 40, 1, 1), 0, seed=11)
+    centred = {"zero_point": np.full(16, 128, np.uint8), "scale": np.full(16, 1e-3, F32)}
+    tensors["conv.weight"] = dataclasses.replace(tensors["conv.weight"], **centred)
+    codes = np.random.default_rng(12).integers(0, 256, (2, 40, 5, 5))
+    out_scale = float(F32(scale))
+    nodes = [quantize_node("q", "input", 0), layer_node("conv", "conv2d", "q", **conv_attrs()),
+             layer_node("act", "relu6", "conv"), quantize_node("out", "act", zero_point, out_scale),
+             layer_node("flat", "flatten", "out")]
+    acc = reference_conv(codes, integer_weight_of(tensors["conv.weight"]), 1, 0, 1)
+    y = np.clip(reference_epilogue(acc, tensors, "conv", channel_axis=1), F32(0), F32(6))
+    q = np.clip(np.rint(y * (F32(1) / F32(out_scale))) + F32(zero_point), F32(0), F32(255))
+    expected = ((q - F32(zero_point)) * F32(out_scale)).astype(F32)
+    assert 0 < np.mean(y == 6) < 1 and 0 < np.mean(y == 0) < 1  # both clips matter
+    got = run_exact(nodes, tensors, codes, 0).reshape(expected.shape)
+    assert got.tobytes() == expected.tobytes()
