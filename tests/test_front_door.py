@@ -141,7 +141,8 @@ def test_rules_overlay_the_defaults_that_help_documents(workdir, checkpoint):
     text = " ".join(invoke("pack", "--help").output.split())
     assert "Rules overlay the defaults conv=4,fc=4" in text
     assert "(--bits fc=2 gives every conv layer 4 bits)" in text
-    assert "Activations no rule selects stay float32" in text
+    assert "Other activations no rule selects stay float32" in text
+    assert "(operand: the pooled features) take 8 bits unless a rule names them" in text
 
 
 # 3. Images of the wrong size: one line on every command, nothing stored.
