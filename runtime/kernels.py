@@ -173,10 +173,15 @@ def matmul(
 ) -> np.ndarray:
     """``a @ b`` (batched over leading axes) into ``out``; with a ``chunk`` shorter than the
     reduction, float32 products of ``chunk`` terms each (exact for integer-valued operands
-    whose partial sums stay below ``2**24``), added in float64, then rounded once to float32."""
+    whose partial sums stay below ``2**24``), added in float64, then rounded once to float32.
+    Two products are added in float32: one IEEE addition rounds their exact sum once, too."""
     depth = b.shape[-2]
     if chunk is None or chunk >= depth:
         return np.matmul(a, b, out=out)
+    if 2 * chunk >= depth:
+        out = np.matmul(a[..., :chunk], b[..., :chunk, :], out=out)
+        out += np.matmul(a[..., chunk:], b[..., chunk:, :])
+        return out
     total = np.matmul(a[..., :chunk], b[..., :chunk, :]).astype(F64)
     for begin in range(chunk, depth, chunk):
         total += np.matmul(a[..., begin : begin + chunk], b[..., begin : begin + chunk, :])
