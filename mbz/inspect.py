@@ -268,7 +268,7 @@ def _zero_symbol_sparsity(metadata: dict, layer: str) -> float | None:
         raise MbzFormatError(f"{where}.zero_symbol must be a boolean")
     if not facts.get("zero_symbol"):
         return None
-    sparsity = json_float32(facts.get("sparsity"), f"{where}.sparsity")
+    sparsity = float(json_float32(facts.get("sparsity"), f"{where}.sparsity"))
     if not 0 <= sparsity <= 1:
         raise MbzFormatError(f"{where}.sparsity must be in 0..1")
     return sparsity

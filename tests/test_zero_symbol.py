@@ -1,5 +1,6 @@
 """Pruned weights stored as the symbol that decodes to 0.0 (no mask) when that is smaller."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -104,6 +105,8 @@ def test_inspect_shows_the_layers_stored_with_a_zero_symbol(packed):
             mbz.descriptors[layer["weight"]].sparsity == Sparsity.NONE and layer["sparsity"] > 0
         ), name
     assert "zero symbol" in invoke("inspect", packed).output
+    rows = json.loads(invoke("inspect", packed, "--json").output)["layers"]
+    assert any(row["mask_encoding"] == "zero_symbol" for row in rows)
 
 
 def test_inspect_rejects_a_zero_symbol_flag_that_is_not_a_boolean(packed, tmp_path):
