@@ -237,9 +237,10 @@ def test_inspect_fits_100_columns_and_wide_shows_everything(workdir, checkpoint)
     narrow = invoke("inspect", out).output.splitlines()
     assert max(map(len, narrow)) <= 100
     assert narrow[0].split() == ["layer", "shape", "kept", "encoding", "bits", "k", "sparse",
-                                 "mask", "bytes"]
+                                 "mask", "exact", "bytes"]
     wide = invoke("inspect", out, "--wide").output.splitlines()
-    assert wide[0].split()[-5:] == ["payload", "codebook", "scales", "mask", "total"]
+    assert wide[0].split()[-7:] == ["payload", "codebook", "scales", "mask", "exact", "bound",
+                                    "total"]
     assert "->" in wide[1] and max(map(len, wide)) > 100
     # The same layers, and each row's total bytes, in both.
     assert [row.split()[0] for row in narrow[1:4]] == [row.split()[0] for row in wide[1:4]]
