@@ -189,3 +189,20 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     ref64, x64 = np.asarray(reference, dtype=np.float64), np.asarray(approx, dtype=np.float64)
     noise = np.sum((ref64 - x64) ** 2)
     return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref64**2) / noise))
+
+
+def random_model_and_data(workdir: Path, seed: int) -> tuple[Path, Path]:
+    """A narrow MobileNet-v2 checkpoint (BatchNorm statistics from its train images) and an
+    .npz of 32 random train and 24 random test images with labels, in ``workdir``."""
+    model, data = workdir / "model.pt", workdir / "data.npz"
+    rng = np.random.default_rng(seed)
+    train = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    save_mbz_checkpoint(model, recalibrate_batchnorm(narrow_mobilenet(seed), train))
+    np.savez(
+        data,
+        x_train=train,
+        y_train=rng.integers(0, 10, 32, dtype=np.uint8),
+        x_test=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 24, dtype=np.uint8),
+    )
+    return model, data

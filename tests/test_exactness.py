@@ -22,9 +22,7 @@ from mbz.torch_graph import GraphModule, image_batches
 from mbz.verify import Report, check_report, verify
 from tests.helpers import (
     invoke,
-    narrow_mobilenet,
-    recalibrate_batchnorm,
-    save_mbz_checkpoint,
+    random_model_and_data,
     sqnr_db,
 )
 
@@ -35,17 +33,7 @@ F32 = np.float32
 def packed(tmp_path_factory):
     """(a .mbz with 8-bit weights and 8-bit activations, an npz of random images)."""
     workdir = tmp_path_factory.mktemp("exact")
-    model, data, out = workdir / "model.pt", workdir / "data.npz", workdir / "a8.mbz"
-    rng = np.random.default_rng(3)
-    train = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
-    save_mbz_checkpoint(model, recalibrate_batchnorm(narrow_mobilenet(3), train))
-    np.savez(
-        data,
-        x_train=train,
-        y_train=rng.integers(0, 10, 32, dtype=np.uint8),
-        x_test=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8),
-        y_test=rng.integers(0, 10, 24, dtype=np.uint8),
-    )
+    (model, data), out = random_model_and_data(workdir, 3), workdir / "a8.mbz"
     invoke("pack", model, "--bits", "conv=8,fc=8", "--act-bits", 8, "--calib", "min-max",
            "--data", data, "-o", out)
     return out, data

@@ -20,9 +20,7 @@ from mbz.runtime.exact import all_exact, exact_layers, integer_weight
 from mbz.torch_graph import GraphModule, image_batches
 from tests.helpers import (
     invoke,
-    narrow_mobilenet,
-    recalibrate_batchnorm,
-    save_mbz_checkpoint,
+    random_model_and_data,
     sqnr_db,
 )
 from tests.test_quantize import uneven_channels
@@ -126,17 +124,7 @@ def test_pack_help_names_the_integer_codebook():
 def pack_int_codebook(workdir, *flags: object) -> tuple:
     """A narrow MobileNet-v2 packed with 4-bit k-means codebooks and ``flags`` (which must give
     integer codebooks), and its data."""
-    model, data, out = workdir / "model.pt", workdir / "data.npz", workdir / "int.mbz"
-    rng = np.random.default_rng(5)
-    train = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
-    save_mbz_checkpoint(model, recalibrate_batchnorm(narrow_mobilenet(5), train))
-    np.savez(
-        data,
-        x_train=train,
-        y_train=rng.integers(0, 10, 32, dtype=np.uint8),
-        x_test=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8),
-        y_test=rng.integers(0, 10, 24, dtype=np.uint8),
-    )
+    (model, data), out = random_model_and_data(workdir, 5), workdir / "int.mbz"
     invoke("pack", model, "--bits", "conv=4,fc=4", *flags, "--data", data, "-o", out)
     mbz = read_mbz(out)
     weights = [t for name, t in mbz.tensors.items() if name.endswith("weight")]
