@@ -42,6 +42,8 @@ SETTINGS: dict[str, dict] = {
     "prune 0.36 kmeans 4/2": {"bits": "conv=4,fc=2", "prune": 0.36},
     # bits per layer chosen for a size (mbz.budget); a ratio below the smallest file is reported
     **{f"target {r}x": {"target_ratio": r, "huffman": True} for r in (10, 15, 20, 30, 40)},
+    # the budget may also prune each layer (0/25/50/75% of its smallest weights)
+    **{f"target {r}x pruned": {"target_ratio": r, "prune_mode": "weight"} for r in (15, 20, 30)},
 }
 
 
@@ -109,16 +111,9 @@ def nncodec_rows(args: argparse.Namespace, common: dict) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model")
-    parser.add_argument("data")
-    parser.add_argument("--arch", default=None)
-    parser.add_argument("--mean", type=lambda s: tuple(map(float, s.split(","))))
-    parser.add_argument("--std", type=lambda s: tuple(map(float, s.split(","))))
-    parser.add_argument("--limit", type=int, default=None, help="first N test images")
+    nncodec_points.model_and_data_arguments(parser)
     parser.add_argument("--only", nargs="*", choices=list(SETTINGS), help="a subset of rows")
     parser.add_argument("--no-nncodec", action="store_true", help="skip NNCodec's points")
-    parser.add_argument("--qp", type=int, nargs="*", default=list(nncodec_points.DEFAULT_QPS),
-                        help="NNCodec quantization parameters (its default is -32)")
     parser.add_argument("--out", type=Path, default=Path("runs/accuracy_at_size"))
     parser.add_argument("--json", type=Path, default=Path("runs/bench_accuracy_at_size.json"))
     args = parser.parse_args()

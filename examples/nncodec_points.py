@@ -72,15 +72,22 @@ def points(job: PackJob, qps: Iterable[int]) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_and_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL, DATA, --arch, --mean, --std, --limit and --qp: what this script and the
+    accuracy-at-size benchmark both take."""
     parser.add_argument("model")
     parser.add_argument("data")
     parser.add_argument("--arch", default=None)
     parser.add_argument("--mean", type=lambda s: tuple(map(float, s.split(","))))
     parser.add_argument("--std", type=lambda s: tuple(map(float, s.split(","))))
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--qp", type=int, nargs="*", default=list(DEFAULT_QPS))
+    parser.add_argument("--limit", type=int, default=None, help="first N test images")
+    parser.add_argument("--qp", type=int, nargs="*", default=list(DEFAULT_QPS),
+                        help="NNCodec quantization parameters (its default is -32)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model_and_data_arguments(parser)
     args = parser.parse_args()
     norm = {"mean": args.mean, "std": args.std} if args.mean else {}
     job = prepare_pack(args.model, "/dev/null", data=args.data, arch=args.arch,
