@@ -342,7 +342,8 @@ def _float_weight(model: TrainableGraph, name: str) -> FloatWeight:
 
 def _stage(graph: dict, tensors: dict[str, Tensor]) -> str | None:
     """What quantization fine-tuning does here; None when nothing is quantized."""
-    stored = {encoding_of(tensor) for tensor in tensors.values()}
+    weights = [node["params"]["weight"] for node in graph["nodes"] if "weight" in node["params"]]
+    stored = {encoding_of(tensors[name]) for name in weights}  # biases (float16 or 32) aside
     chosen = [t.stage for e, t in TRAINABLE.items() if e in stored and t.stage is not None]
     if any(node["op"] == "quantize" for node in graph["nodes"]):
         chosen.append("quantized activations")
