@@ -3,7 +3,9 @@
 Each quantizable layer gets candidate encodings, one per bit width of ``CANDIDATE_BITS`` (a single
 one when a ``--bits`` rule pins the layer); with ``--prune-mode weight``, one per bit width and
 sparsity of ``CANDIDATE_SPARSITIES`` (the layer's smallest magnitudes pruned; at least what
-``--prune`` prunes), so the budget trades sparsity for bits. A candidate's *cost* is the exact
+``--prune`` prunes), so the budget trades sparsity for bits; with ``--method uniform``, also one
+per step of the step-size mode (``mbz.quantize.step_quantize``: one step per tensor on the
+unfolded weights, half a bit apart), so the budget has fine rate steps between whole bits. A candidate's *cost* is the exact
 number of bytes its section adds to the file (``mbz.format``'s encoding of the tensor in the
 layout the file stores, Huffman included, rounded up to the section alignment); its
 *sensitivity* is the increase in loss it is expected to cause:
@@ -37,7 +39,14 @@ from mbz.evaluate import Progress
 from mbz.format import Tensor
 from mbz.format.constants import DEFAULT_ALIGNMENT
 from mbz.format.container import encode_tensor
-from mbz.quantize import Coding, quantize_weight, smallest_layout, weighted_error
+from mbz.quantize import (
+    STEP_CODES,
+    Coding,
+    quantize_weight,
+    smallest_layout,
+    step_bits,
+    weighted_error,
+)
 from mbz.torch_graph import GraphModule, image_batches, preprocess_images
 
 CANDIDATE_BITS = (2, 3, 4, 5, 6, 8)  # the bit widths a layer no --bits rule pins may get
@@ -281,6 +290,21 @@ def candidate_bits(config: PackConfig, layer: LayerInfo) -> tuple[int, ...]:
     return (pinned,) if pinned else CANDIDATE_BITS
 
 
+def candidate_codings(
+    config: PackConfig, bits: tuple[int, ...], gain: np.ndarray | None
+) -> list[Coding]:
+    """One coding per bit width of ``bits``; for per-channel uniform codes also the step-size
+    mode at each step of STEP_CODES whose stored width lies within ``bits`` (fine rate steps between whole
+    bits, ``mbz.quantize.step_quantize``)."""
+    codings = [Coding.of(config, b) for b in bits]
+    if config.method != "uniform" or not config.per_channel:
+        return codings
+    steps = [m for m in STEP_CODES if min(bits) <= step_bits(m) <= max(bits)]
+    return codings + [
+        replace(Coding.of(config, step_bits(m)), max_code=m, gain=gain) for m in steps
+    ]
+
+
 def choose(
     graph: dict,
     params: dict[str, np.ndarray],
@@ -290,23 +314,25 @@ def choose(
     calibration: Dataset,
     target: int,
     size_of: SizeOf,
+    gains: dict[str, np.ndarray],
     progress: Progress = None,
 ) -> Choice:
     """The encodings of the weights ``layers`` (weight tensor name -> its layer) that fit
     ``target`` bytes with the least summed sensitivity, measured on ``calibration``; ``masks``
-    are what ``--prune`` removes (``candidate_masks`` may remove more)."""
+    are what ``--prune`` removes (``candidate_masks`` may remove more); ``gains`` are the
+    folded BatchNorm gains the step-size mode of uniform codes divides out."""
     widths = {name: candidate_bits(config, info) for name, info in layers.items()}
     kept = {name: candidate_masks(params[name], masks.get(name), config) for name in layers}
 
     def candidates(
-        name: str, fisher: np.ndarray | None, bits: Iterable[int], most_sparse: bool = False
+        name: str, fisher: np.ndarray | None, bits: tuple[int, ...], most_sparse: bool = False
     ) -> list[Candidate]:
-        codings = [Coding.of(config, b) for b in bits]
+        codings = candidate_codings(config, bits, gains.get(name))
         options = kept[name][-1:] if most_sparse else kept[name]
         return layer_candidates(name, params[name], fisher, codings, options)
 
     # the fewest bits first: an impossible budget is refused before the sensitivity pass
-    fewest = {name: candidates(name, None, [min(bits)], True)[0] for name, bits in widths.items()}
+    fewest = {name: candidates(name, None, (min(bits),), True)[0] for name, bits in widths.items()}
     check_reachable(fewest, target, size_of)
     fisher = fisher_diagonal(graph, params, layers, config, calibration, progress)
     options = {name: candidates(name, fisher[name], bits) for name, bits in widths.items()}

@@ -55,4 +55,3 @@ def main() -> None:
       mbz eval    model.mbz --data cifar10 --runtime all
       mbz inspect model.mbz
     """
-

@@ -300,7 +300,8 @@ def format_report(facts: dict, wide: bool = False) -> str:
     lines += [_line(cells, widths, name_width) for cells in rows]
     t = facts["totals"]
     summary = [
-        "bytes: " + ", ".join(f"{c} {t[c]}" for c in CATEGORIES)
+        "bytes: "
+        + ", ".join(f"{c} {t[c]}" for c in CATEGORIES)
         + f", metadata {t['metadata']}, header+table {t['header_and_table']}, "
         f"alignment padding {t['padding']}" + _streams(t),
         _summary(facts),
@@ -315,14 +316,23 @@ _NARROW = 100  # columns of the default report
 _MIN_NAME = 12  # the least of a layer name the narrow report shows
 # (cell, header) of each column after the layer name.
 _KIND_COLUMNS = (
-    ("kept", "kept"), ("encoding", "encoding"), ("bits", "bits"), ("k", "k"),
-    ("sparse", "sparse"), ("mask_encoding", "mask"),
+    ("kept", "kept"),
+    ("encoding", "encoding"),
+    ("bits", "bits"),
+    ("k", "k"),
+    ("sparse", "sparse"),
+    ("mask_encoding", "mask"),
 )
 _NARROW_COLUMNS = (("shape", "shape"), *_KIND_COLUMNS, ("exact", "exact"), ("bytes", "bytes"))
 _WIDE_COLUMNS = (
-    ("shapes", "shape before -> after"), *_KIND_COLUMNS,
-    ("index_bytes", "index B"), ("entropy_bytes", "H0 B"), *((c, c) for c in CATEGORIES),
-    ("exact", "exact"), ("bound", "bound"), ("bytes", "total"),
+    ("shapes", "shape before -> after"),
+    *_KIND_COLUMNS,
+    ("index_bytes", "index B"),
+    ("entropy_bytes", "H0 B"),
+    *((c, c) for c in CATEGORIES),
+    ("exact", "exact"),
+    ("bound", "bound"),
+    ("bytes", "total"),
 )
 
 

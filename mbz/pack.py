@@ -156,13 +156,13 @@ def compress(
         if config.bias_correction and calibration is not None:
             preprocess = {"mean": list(config.mean), "std": list(config.std)}
             restore_statistics(reference, (graph, params), kept, preprocess, calibration.images)
-    fold_batchnorm(graph, params)
+    gains = fold_batchnorm(graph, params)
     masks = {}
     if config.prune_mode == "weight" and config.prune > 0 and tuning is not None:
         masks = prune_weights(graph, params, tuning)
     elif config.prune_mode == "weight" and config.prune > 0:
         masks = magnitude_masks(graph, params, config.prune)
-    encode = _Encode(graph, params, config, masks, before)
+    encode = _Encode(graph, params, config, masks, before, gains)
     planned = _planned(loaded, encode, calibration, progress) if config.budgeted else None
     tensors, layers = encode(planned)
     return graph, params, tensors, layers
@@ -177,6 +177,7 @@ class _Encode:
     config: PackConfig
     masks: dict[str, np.ndarray]
     before: dict[str, list[int]]  # each layer's weight shape before pruning
+    gains: dict[str, np.ndarray]  # each folded weight's BatchNorm gain per output channel
 
     def __call__(self, planned: budget.Choice | None) -> tuple[dict[str, Tensor], dict]:
         tensors, layers = quantize_graph(self.graph, self.params, self.config, self.masks, planned)
@@ -203,7 +204,16 @@ def _planned(
     layers = {n["params"]["weight"]: layer_info(graph, n, params) for n in weight_nodes(graph)}
     target = budget.target_bytes(config, loaded.fp32_bytes) or 0
     return budget.choose(
-        graph, params, layers, config, encode.masks, calibration, target, size_of, progress
+        graph,
+        params,
+        layers,
+        config,
+        encode.masks,
+        calibration,
+        target,
+        size_of,
+        encode.gains,
+        progress,
     )
 
 

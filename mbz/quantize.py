@@ -7,6 +7,7 @@ centroids), and uniform integer codes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -27,8 +28,12 @@ from mbz.format import (
 from mbz.format.constants import MAX_BITS
 from mbz.format.container import encode_tensor
 
+# step-size mode: the largest code of each step a budget may give uniform codes; neighbours are
+# about half a bit apart (a step sqrt(2) smaller), from 3 levels (2 bits) to 255 (8 bits)
+STEP_CODES = (1, 2, 3, 5, 7, 10, 15, 22, 31, 45, 63, 127)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class Coding:
     """How one weight is stored: its encoding and bits, and the encoders' options."""
 
@@ -40,6 +45,8 @@ class Coding:
     kmeans_iters: int = 30  # codebook: Lloyd iterations
     codebook: str = "auto"  # kmeans: scaled, plain, int, or auto (see PackConfig.codebook)
     zero_symbol: bool = False  # codebooks: one centroid held at 0.0, the code of pruned weights
+    max_code: int | None = None  # uniform step-size mode: codes -max_code..max_code (step_quantize)
+    gain: np.ndarray | None = None  # step-size mode: each output channel's folded BN gain
 
     @classmethod
     def of(cls, config: PackConfig, bits: int) -> Coding:
@@ -376,10 +383,54 @@ def _encode_channel_codebook(quantize: ChannelQuantizer, versus_plain: bool) -> 
     return encode
 
 
-def _encode_uniform(weight: np.ndarray, coding: Coding, mask: np.ndarray | None) -> Tensor:
-    tensor = uniform_quantize(
-        weight, coding.bits, symmetric=coding.symmetric, per_channel=coding.per_channel, mask=mask
+def step_bits(max_code: int) -> int:
+    """The stored width of symmetric codes ``-max_code..max_code``."""
+    return max(2, math.ceil(math.log2(2 * max_code + 1)))
+
+
+def step_quantize(
+    weight: np.ndarray, gain: np.ndarray | None, max_code: int, mask: np.ndarray | None = None
+) -> UniformTensor:
+    """Uniform symmetric codes with one step per tensor on the unfolded weights: ``scale[c] =
+    step * |gain[c]|``, ``gain`` the output channel's folded BatchNorm gain (1 without one), and
+    ``step`` such that the largest kept unfolded magnitude gets the code ``max_code``. Channels
+    whose unfolded weights are small use few codes, which entropy coding stores in few bits, so
+    neighbouring steps of STEP_CODES differ by about half a bit. Stored in ``step_bits`` bits
+    with zero point ``2**(bits-1)``, scales rounded up to float16 values."""
+    rows, keep = _channel_view(weight, mask, True)
+    gains = np.ones(rows.shape[0], np.float32) if gain is None else np.abs(gain).astype(np.float32)
+    gains = np.where(gains > 0, gains, np.float32(1.0))
+    peak = float(np.where(keep, np.abs(rows) / gains[:, None], 0.0).max(initial=0.0))
+    step = np.float32(peak / max_code if peak > 0 else 1.0)
+    scale = half_scales((step * gains).astype(np.float32), up=True)
+    bits = step_bits(max_code)
+    zero = 2 ** (bits - 1)
+    codes = np.clip(np.round(rows / scale[:, None]), -max_code, max_code) + zero
+    qdata = codes.astype(np.uint8).reshape(weight.shape)
+    if mask is not None:
+        qdata[~mask] = 0
+    return UniformTensor(
+        qdata=qdata,
+        scale=scale,
+        zero_point=np.full(rows.shape[0], zero, np.uint8),
+        bits=bits,
+        axis=0,
+        mask=mask,
+        lean=True,
     )
+
+
+def _encode_uniform(weight: np.ndarray, coding: Coding, mask: np.ndarray | None) -> Tensor:
+    if coding.max_code is not None:
+        tensor = step_quantize(weight, coding.gain, coding.max_code, mask)
+    else:
+        tensor = uniform_quantize(
+            weight,
+            coding.bits,
+            symmetric=coding.symmetric,
+            per_channel=coding.per_channel,
+            mask=mask,
+        )
     tensor.entropy = coding.entropy
     return tensor
 

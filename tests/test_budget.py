@@ -13,6 +13,7 @@ from mbz.budget import (
     HEADROOM,
     BudgetError,
     Candidate,
+    candidate_codings,
     candidate_masks,
     fisher_diagonal,
     fit,
@@ -23,11 +24,11 @@ from mbz.capture import capture
 from mbz.config import PackConfig
 from mbz.data import load_split
 from mbz.fold import fold_batchnorm
-from mbz.format import DenseTensor, encode_mbz, read_mbz
+from mbz.format import DenseTensor, UniformTensor, encode_mbz, read_mbz
 from mbz.graph_ops import weight_nodes
 from mbz.inspect import describe
 from mbz.pack import quantize_graph
-from mbz.quantize import Coding
+from mbz.quantize import STEP_CODES, Coding
 from tests.helpers import invoke, narrow_mobilenet, save_mbz_checkpoint
 
 
@@ -213,3 +214,49 @@ def test_a_budget_with_weight_pruning_fits_and_records_the_sparsity(tmp_path, mo
     rows = {row["layer"]: row for row in describe(out)["layers"]}
     for name, facts in layers.items():
         assert rows[name]["sparsity"] == pytest.approx(facts["sparsity"], abs=1e-6)
+
+
+def test_uniform_budgets_have_steps_between_whole_bits():
+    uniform = PackConfig(method="uniform")
+    steps = [c.max_code for c in candidate_codings(uniform, CANDIDATE_BITS, None) if c.max_code]
+    assert steps == list(STEP_CODES)
+    pinned = candidate_codings(uniform, (4,), None)  # a --bits rule: steps stored in 4 bits only
+    assert [(c.bits, c.max_code) for c in pinned] == [(4, None), (4, 5), (4, 7)]
+    assert not any(c.max_code for c in candidate_codings(PackConfig(), CANDIDATE_BITS, None))
+    # the finer steps let a budget lose less than whole bits alone at the same bytes
+    rng = np.random.default_rng(6)
+    weights, gains = {}, {}
+    for i in range(3):
+        gains[f"w{i}"] = rng.uniform(0.2, 3.0, 32).astype(np.float32)
+        weights[f"w{i}"] = rng.standard_normal((32, 48, 1, 1)).astype(np.float32) * gains[
+            f"w{i}"][:, None, None, None]
+
+    def loss(codings_of, target):
+        options = {n: layer_candidates(n, w, None, codings_of(n)) for n, w in weights.items()}
+        choice = fit(options, target + HEADROOM, lambda c: sum(x.cost for x in c.values()))
+        assert sum(c.cost for c in choice.values()) <= target
+        return sum(c.sensitivity for c in choice.values())
+
+    def whole(name):
+        return [Coding.of(uniform, bits) for bits in CANDIDATE_BITS]
+
+    def fine(name):
+        return candidate_codings(uniform, CANDIDATE_BITS, gains[name])
+
+    gaps = [loss(whole, t) - loss(fine, t) for t in range(2400, 5000, 200)]
+    assert min(gaps) >= -1e-9 and max(gaps) > 0
+
+
+@pytest.mark.slow
+def test_a_uniform_budget_fits_with_step_codes(tmp_path, model, data):
+    out = tmp_path / "m.mbz"
+    result = mbz.pack(model, out, data=str(data), target_ratio=9.0, method="uniform",
+                      calib_images=32)
+    assert result.fp32_bytes / out.stat().st_size >= 9.0
+    steps = []  # symmetric codes whose largest code no whole-bit code has (2**(bits-1) - 1)
+    for tensor in read_mbz(out).tensors.values():
+        zero = 2 ** (getattr(tensor, "bits", 1) - 1)
+        if isinstance(tensor, UniformTensor) and np.all(tensor.zero_point == zero):
+            largest = int(np.abs(tensor.qdata.astype(int) - zero).max())
+            steps += [largest] if largest != zero - 1 else []
+    assert steps and set(steps) <= set(STEP_CODES)

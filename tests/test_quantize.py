@@ -1,5 +1,7 @@
 """Weight quantizers: codebooks and uniform codes, judged by SQNR in dB."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -14,7 +16,16 @@ from mbz.format import (
     decode_mbz,
     encode_mbz,
 )
-from mbz.quantize import Coding, kmeans_1d, quantize_weight, uniform_quantize
+from mbz.quantize import (
+    STEP_CODES,
+    Coding,
+    kmeans_1d,
+    quantize_weight,
+    section_bytes,
+    step_bits,
+    step_quantize,
+    uniform_quantize,
+)
 from tests.helpers import sqnr_db
 
 
@@ -185,3 +196,37 @@ def test_compact_huffman_table_round_trips_and_is_smaller(weight):
     assert full_bytes - lean_bytes == tables[1] - tables[0]
     back = decode_mbz(encode_mbz({}, {"w": lean})).tensors["w"]
     assert np.array_equal(back.decode(), lean.decode())
+
+
+def test_step_codes_share_one_step_on_the_unfolded_weights():
+    rng = np.random.default_rng(7)
+    gain = rng.uniform(0.05, 4.0, 24).astype(np.float32) * rng.choice([-1, 1], 24)
+    spread = np.linspace(0.1, 1.0, 24, dtype=np.float32)[:, None, None, None]
+    unfolded = rng.standard_normal((24, 16, 3, 3)).astype(np.float32) * spread
+    weight = unfolded * gain[:, None, None, None]
+    tensor = step_quantize(weight, gain, 10)
+    assert tensor.bits == step_bits(10) == 5 and np.all(tensor.zero_point == 16)
+    codes = tensor.qdata.astype(int) - 16
+    assert np.abs(codes).max() == 10  # the largest unfolded magnitude gets the largest code
+    step = tensor.scale / np.abs(gain)  # float16 scales: equal to float16 precision
+    assert np.ptp(step) / step.mean() < 2**-10
+    # channels with small unfolded weights use few codes (what entropy coding makes cheap)
+    largest = np.abs(codes).reshape(24, -1).max(axis=1)
+    assert largest[:6].max() < 4 and largest[-1] >= 8
+
+
+def test_step_sizes_between_whole_bits_trade_bytes_for_error():
+    rng = np.random.default_rng(8)
+    gain = rng.uniform(0.2, 2.0, 64).astype(np.float32)
+    weight = rng.standard_normal((64, 96, 1, 1)).astype(np.float32) * gain[:, None, None, None]
+    sizes, quality = [], []
+    for max_code in STEP_CODES:
+        tensor = step_quantize(weight, gain, max_code)
+        tensor.entropy = None  # Huffman where smaller, as packed files store them
+        sizes.append(section_bytes(tensor))
+        quality.append(sqnr_db(weight, tensor.decode()))
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    assert quality == sorted(quality)
+    three, four = (section_bytes(replace(uniform_quantize(weight, b, symmetric=True),
+                                         entropy=None)) for b in (3, 4))
+    assert any(three < size < four for size in sizes)  # a rate between 3 and 4 bits

@@ -97,7 +97,10 @@ _PACK_FLAGS: dict[str, Flag] = {
         "smaller than the FP32 model, in real file bytes, losing the least: each layer's "
         "sensitivity is measured on --calib-images images of --data's train split (Fisher "
         "information times quantization error), then a knapsack picks the bits (and, with "
-        "--prune-mode weight, the sparsity of each layer). --bits rules "
+        "--prune-mode weight, the sparsity of each layer). With --method uniform the "
+        "budget also has steps half a bit apart between whole bits (step-size mode: one step "
+        "per layer on the weights before BatchNorm folding, times each channel's BN gain, "
+        "entropy-coded). --bits rules "
         "other than the defaults pin the layers they select. Fails, naming the smallest "
         "reachable size, when the budget cannot be met. Needs --data; 0: off.",
         click.FloatRange(min=0),

@@ -177,4 +177,3 @@ def _echo_summary(outcome: SweepOutcome, out_dir: Path, charts: list[Path], as_j
         f"{outcome.ran} run(s) done, {outcome.skipped} already finished; "
         f"{len(outcome.records)} in {out_dir / RESULTS_CSV}; charts: {out_dir / 'sweep.html'}"
     )
-
