@@ -42,8 +42,8 @@ SETTINGS: dict[str, dict] = {
     "prune 0.36 kmeans 4/2": {"bits": "conv=4,fc=2", "prune": 0.36},
     # bits per layer chosen for a size (mbz.budget); a ratio below the smallest file is reported
     **{f"target {r}x": {"target_ratio": r, "huffman": True} for r in (10, 15, 20, 30, 40)},
-    # the budget may also prune each layer (0/25/50/75% of its smallest weights)
-    **{f"target {r}x pruned": {"target_ratio": r, "prune_mode": "weight"} for r in (15, 20, 30)},
+    # whole bits of uniform codes instead of k-means (both with steps half a bit apart)
+    **{f"target {r}x uniform": {"target_ratio": r, "method": "uniform"} for r in (15, 20, 30)},
 }
 
 

@@ -1,23 +1,25 @@
 """Mixed precision to a byte budget: ``--target-ratio R`` / ``--target-size BYTES``.
 
 Each quantizable layer gets candidate encodings, one per bit width of ``CANDIDATE_BITS`` (a single
-one when a ``--bits`` rule pins the layer); with ``--prune-mode weight``, one per bit width and
-sparsity of ``CANDIDATE_SPARSITIES`` (the layer's smallest magnitudes pruned; at least what
-``--prune`` prunes), so the budget trades sparsity for bits; with ``--method uniform``, also one
-per step of the step-size mode (``mbz.quantize.step_quantize``: one step per tensor on the
-unfolded weights, half a bit apart), so the budget has fine rate steps between whole bits. A candidate's *cost* is the exact
-number of bytes its section adds to the file (``mbz.format``'s encoding of the tensor in the
-layout the file stores, Huffman included, rounded up to the section alignment); its
-*sensitivity* is the increase in loss it is expected to cause:
-``0.5 * sum(F * (w - q(w))**2)``, with ``F`` the diagonal Fisher information of the folded float
-model on calibration images (the second-order term of the loss around trained weights), scaled
-per layer so that at PROBE_BITS it equals the measured KL divergence of the logits from the float
-model's with that layer alone quantized (the diagonal misses how errors add up over a wide
-layer's inputs). A knapsack over the costs rounded *up* to a bucket of bytes picks the
-candidate per layer with the least summed sensitivity whose rounded costs fit the room left for
-weights, so their real bytes fit too. What the rest of the file costs (biases, metadata, header,
-table, padding) is measured on the file a choice makes; when that file is over the budget, the
-choice is redone with that much less room.
+one when a ``--bits`` rule pins the layer) and sparsity of ``CANDIDATE_SPARSITIES`` (the layer's
+smallest magnitudes pruned, on top of what ``--prune`` prunes), so the budget trades sparsity for
+bits; and (unless ``--per-tensor``) one per step of the uniform step-size mode
+(``mbz.quantize.step_quantize``: one step per tensor on the unfolded weights, half a bit apart),
+so the budget has fine rate steps between whole bits. A candidate's *cost* is the exact number of
+bytes its section adds to the file (``mbz.format``'s encoding of the tensor in the layout the file
+stores, Huffman included, rounded up to the section alignment); its *sensitivity* is the increase
+in loss it is expected to cause: ``0.5 * sum(F * (w - q(w))**2)``, with ``F`` the diagonal Fisher
+information of the folded float model on calibration images (the second-order term of the loss
+around trained weights), scaled per layer so that at PROBE_BITS it equals the measured KL
+divergence of the logits from the float model's with that layer alone quantized (the diagonal
+misses how errors add up over a wide layer's inputs). A knapsack over the costs rounded *up* to a
+bucket of bytes picks the candidate per layer with the least summed sensitivity whose rounded
+costs fit the room left for weights, so their real bytes fit too. What the rest of the file costs
+(biases, metadata, header, table, padding) is measured on the file a choice makes; when that file
+is over the budget, the choice is redone with that much less room. The knapsack runs with and
+without the pruning candidates and the step-size codes, and the choice whose logits on the
+calibration images are nearest the float model's is kept (``Divergence``: the least reliable
+estimates are those of heavy pruning and of a second family of codes).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from mbz.quantize import (
 from mbz.torch_graph import GraphModule, image_batches, preprocess_images
 
 CANDIDATE_BITS = (2, 3, 4, 5, 6, 8)  # the bit widths a layer no --bits rule pins may get
-CANDIDATE_SPARSITIES = (0.0, 0.25, 0.5, 0.75)  # with --prune-mode weight: shares a layer may prune
+CANDIDATE_SPARSITIES = (0.0, 0.25, 0.5, 0.75)  # shares of a layer the budget may prune
 BUCKETS = 1 << 14  # knapsack resolution: the costliest choice spans this many buckets
 HEADROOM = 1024  # bytes kept free for metadata written after the choice (the accuracies)
 MAX_ROUNDS = 8  # choices tried with less room before falling back to the smallest one
@@ -70,6 +72,7 @@ class Candidate:
     tensor: Tensor
     cost: int  # bytes its section adds to the file, alignment padding included
     sensitivity: float  # expected loss increase: 0.5 * sum(F * (w - decoded)**2)
+    stepped: bool = False  # uniform codes of the step-size mode (mbz.quantize.step_quantize)
 
     @property
     def sparsity(self) -> float:
@@ -126,34 +129,41 @@ def fisher_diagonal(
     return {name: total.numpy() / max(batches, 1) for name, total in totals.items()}
 
 
+class Divergence:
+    """How far encoded weights move the logits from the float model's on fixed images: the
+    mean KL divergence of the softmax outputs (``divergence(choice)``, the weights not in
+    ``choice`` float)."""
+
+    def __init__(
+        self, graph: dict, params: dict[str, np.ndarray], config: PackConfig, dataset: Dataset
+    ) -> None:
+        preprocess = {"mean": list(config.mean), "std": list(config.std)}
+        self.graph, self.params = graph, params
+        self.x = preprocess_images(dataset.images, preprocess, "cpu")
+        self.reference = self._log_softmax(params)
+
+    def _log_softmax(self, params: dict[str, np.ndarray]) -> torch.Tensor:
+        with torch.no_grad():
+            return GraphModule(self.graph, params)(self.x).log_softmax(1)
+
+    def __call__(self, choice: Choice) -> float:
+        decoded = dict(self.params)
+        decoded.update({name: c.tensor.decode().astype(np.float32) for name, c in choice.items()})
+        logits = self._log_softmax(decoded)
+        return float(F.kl_div(logits, self.reference, log_target=True, reduction="batchmean"))
+
+
 def probe_kl(
-    graph: dict,
-    params: dict[str, np.ndarray],
-    options: dict[str, list[Candidate]],
-    config: PackConfig,
-    dataset: Dataset,
-    progress: Progress = None,
+    options: dict[str, list[Candidate]], divergence: Divergence, progress: Progress = None
 ) -> dict[str, tuple[Candidate, float]]:
-    """Per weight, its candidate nearest PROBE_BITS (the least sparse of those) and the measured
-    mean KL divergence of the logits from the float model's on ``dataset`` when that weight
-    alone is so encoded."""
-    module = GraphModule(graph, params)
-    preprocess = {"mean": list(config.mean), "std": list(config.std)}
-    x = preprocess_images(dataset.images, preprocess, "cpu")
+    """Per weight, its candidate nearest PROBE_BITS (the least sparse of those) and the
+    ``divergence`` when that weight alone is so encoded."""
     probes = {}
-    with torch.no_grad():
-        reference = module(x).log_softmax(1)
-        for name, layer in options.items():
-            probe = min(layer, key=lambda c: (abs(c.bits - PROBE_BITS), c.sparsity))
-            slot = module.get_buffer(module.slots[name])
-            saved = slot.clone()
-            slot.copy_(torch.from_numpy(np.asarray(probe.tensor.decode(), np.float32)))
-            logits = module(x).log_softmax(1)
-            slot.copy_(saved)
-            kl = F.kl_div(logits, reference, log_target=True, reduction="batchmean")
-            probes[name] = (probe, float(kl))
-            if progress:
-                progress(len(dataset))
+    for name, layer in options.items():
+        probe = min(layer, key=lambda c: (abs(c.bits - PROBE_BITS), c.sparsity))
+        probes[name] = (probe, divergence({name: probe}))
+        if progress:
+            progress(len(divergence.x))
     return probes
 
 
@@ -186,22 +196,30 @@ def layer_candidates(
     """The weight encoded by each of ``codings`` under each keep-mask of ``masks``, less the
     candidates another beats; without ``fisher``, the sensitivities are plain squared errors
     (a pruned weight's error is its whole value)."""
+    return undominated(encoded_candidates(name, weight, fisher, codings, masks))
+
+
+def encoded_candidates(
+    name: str,
+    weight: np.ndarray,
+    fisher: np.ndarray | None,
+    codings: Iterable[Coding],
+    masks: Iterable[np.ndarray | None],
+) -> list[Candidate]:
+    """As ``layer_candidates``, every one (those another beats included)."""
     found = []
     for coding, mask in itertools.product(codings, masks):
         tensor = quantize_weight(weight, coding, mask)
         error = 0.5 * weighted_error(weight, tensor, fisher)
-        found.append(Candidate(coding.bits, tensor, section_cost(name, tensor), error))
-    return undominated(found)
+        cost = section_cost(name, tensor)
+        found.append(Candidate(coding.bits, tensor, cost, error, coding.max_code is not None))
+    return found
 
 
-def candidate_masks(
-    weight: np.ndarray, floor: np.ndarray | None, config: PackConfig
-) -> list[np.ndarray | None]:
+def candidate_masks(weight: np.ndarray, floor: np.ndarray | None) -> list[np.ndarray | None]:
     """The keep-masks a layer's candidates may have: ``floor`` (what ``--prune`` removes, None:
-    nothing) and, with ``--prune-mode weight``, one per CANDIDATE_SPARSITIES above it, each
-    dropping the layer's smallest magnitudes after what ``floor`` drops (so they nest)."""
-    if config.prune_mode != "weight":
-        return [floor]
+    nothing) and one per CANDIDATE_SPARSITIES above it, each dropping the layer's smallest
+    magnitudes after what ``floor`` drops (so they nest)."""
     kept = np.ones(weight.size, bool) if floor is None else floor.ravel()
     order = np.lexsort((np.abs(weight).ravel(), kept))  # pruned first, then by magnitude
     masks = [floor]
@@ -272,6 +290,40 @@ def fit(options: dict[str, list[Candidate]], target: int, size_of: SizeOf) -> Ch
     return cheapest
 
 
+def allocations(
+    found: dict[str, list[Candidate]], floors: dict[str, float], target: int, size_of: SizeOf
+) -> list[Choice]:
+    """The choices of ``found``'s candidates that fit ``target``: with every candidate, and
+    without those that prune more than ``floors`` (each layer's sparsity from ``--prune``),
+    without step-size codes, and without both, where those differ and fit. The sensitivities
+    of heavy pruning and of a new family of codes are the least reliable estimates, so the
+    caller measures each choice (``Divergence``) and keeps the nearest."""
+
+    def dense(c: Candidate, name: str) -> bool:
+        return c.sparsity <= floors[name] + 1e-9
+
+    def whole(c: Candidate, name: str) -> bool:
+        return not c.stepped
+
+    def both(c: Candidate, name: str) -> bool:
+        return dense(c, name) and whole(c, name)
+
+    choices, seen = [], set()
+    for keep in (lambda c, name: True, dense, whole, both):
+        subset = {name: [c for c in layer if keep(c, name)] for name, layer in found.items()}
+        sizes = tuple(len(layer) for layer in subset.values())
+        if sizes in seen or not all(sizes):
+            continue
+        seen.add(sizes)
+        try:
+            choices.append(
+                fit({n: undominated(layer) for n, layer in subset.items()}, target, size_of)
+            )
+        except BudgetError:
+            pass  # only what was left out reaches the budget
+    return choices
+
+
 def check_reachable(choice: Choice, target: int, size_of: SizeOf) -> int:
     """The bytes of ``choice``'s file; BudgetError when it plus HEADROOM exceeds ``target``."""
     size = size_of(choice)
@@ -293,11 +345,11 @@ def candidate_bits(config: PackConfig, layer: LayerInfo) -> tuple[int, ...]:
 def candidate_codings(
     config: PackConfig, bits: tuple[int, ...], gain: np.ndarray | None
 ) -> list[Coding]:
-    """One coding per bit width of ``bits``; for per-channel uniform codes also the step-size
-    mode at each step of STEP_CODES whose stored width lies within ``bits`` (fine rate steps between whole
-    bits, ``mbz.quantize.step_quantize``)."""
+    """One coding per bit width of ``bits`` (``--method``'s), and unless ``--per-tensor``, the
+    uniform step-size mode at each step of STEP_CODES whose stored width lies within ``bits``
+    (fine rate steps between whole bits, ``mbz.quantize.step_quantize``)."""
     codings = [Coding.of(config, b) for b in bits]
-    if config.method != "uniform" or not config.per_channel:
+    if not config.per_channel:
         return codings
     steps = [m for m in STEP_CODES if min(bits) <= step_bits(m) <= max(bits)]
     return codings + [
@@ -322,22 +374,29 @@ def choose(
     are what ``--prune`` removes (``candidate_masks`` may remove more); ``gains`` are the
     folded BatchNorm gains the step-size mode of uniform codes divides out."""
     widths = {name: candidate_bits(config, info) for name, info in layers.items()}
-    kept = {name: candidate_masks(params[name], masks.get(name), config) for name in layers}
+    kept = {name: candidate_masks(params[name], masks.get(name)) for name in layers}
 
     def candidates(
         name: str, fisher: np.ndarray | None, bits: tuple[int, ...], most_sparse: bool = False
     ) -> list[Candidate]:
         codings = candidate_codings(config, bits, gains.get(name))
         options = kept[name][-1:] if most_sparse else kept[name]
-        return layer_candidates(name, params[name], fisher, codings, options)
+        return encoded_candidates(name, params[name], fisher, codings, options)
 
     # the fewest bits first: an impossible budget is refused before the sensitivity pass
-    fewest = {name: candidates(name, None, (min(bits),), True)[0] for name, bits in widths.items()}
+    fewest = {
+        name: min(candidates(name, None, (min(bits),), True), key=lambda c: c.cost)
+        for name, bits in widths.items()
+    }
     check_reachable(fewest, target, size_of)
     fisher = fisher_diagonal(graph, params, layers, config, calibration, progress)
-    options = {name: candidates(name, fisher[name], bits) for name, bits in widths.items()}
-    probes = probe_kl(graph, params, options, config, calibration.head(PROBE_IMAGES), progress)
-    return fit({name: rescaled(options[name], kl) for name, kl in probes.items()}, target, size_of)
+    found = {name: candidates(name, fisher[name], bits) for name, bits in widths.items()}
+    divergence = Divergence(graph, params, config, calibration.head(PROBE_IMAGES))
+    probes = probe_kl(found, divergence, progress)
+    scaled = {name: rescaled(found[name], kl) for name, kl in probes.items()}
+    floors = {name: float(1.0 - masks[name].mean()) if name in masks else 0.0 for name in layers}
+    judge = Divergence(graph, params, config, calibration)
+    return min(allocations(scaled, floors, target, size_of), key=judge)
 
 
 def check_written(path: Path, size: int, config: PackConfig, fp32_bytes: int) -> None:

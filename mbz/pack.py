@@ -23,6 +23,7 @@ from mbz.evaluate import Progress, data_fingerprint, evaluate_torch
 from mbz.finetune import Tuning, finetune_quantized, prune_weights, slim
 from mbz.fold import fold_batchnorm
 from mbz.format import DenseTensor, Tensor, encode_mbz, write_mbz
+from mbz.format.encodings import encoding_of
 from mbz.graph_ops import is_depthwise, is_pointwise, weight_nodes
 from mbz.prune import magnitude_masks, prune_channels, prune_zeroed_channels
 from mbz.quantize import Coding, bias_tensor, quantize_weight, smallest_layout
@@ -107,7 +108,7 @@ def quantize_graph(
         layers[node["name"]] = {
             "weight": name,
             "bits": bits,
-            "method": METHODS[coding.encoding],
+            "method": METHODS[encoding_of(tensors[name])],  # a budget may mix methods
             "sparsity": sparsity,
         }
     biases = {node["params"]["bias"] for node in weight_nodes(graph)}

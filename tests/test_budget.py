@@ -10,11 +10,15 @@ import pytest
 import mbz
 from mbz.budget import (
     CANDIDATE_BITS,
+    CANDIDATE_SPARSITIES,
     HEADROOM,
     BudgetError,
     Candidate,
+    Divergence,
+    allocations,
     candidate_codings,
     candidate_masks,
+    encoded_candidates,
     fisher_diagonal,
     fit,
     knapsack,
@@ -28,7 +32,7 @@ from mbz.format import DenseTensor, UniformTensor, encode_mbz, read_mbz
 from mbz.graph_ops import weight_nodes
 from mbz.inspect import describe
 from mbz.pack import quantize_graph
-from mbz.quantize import STEP_CODES, Coding
+from mbz.quantize import STEP_CODES, Coding, quantize_weight, step_bits
 from tests.helpers import invoke, narrow_mobilenet, save_mbz_checkpoint
 
 
@@ -64,7 +68,8 @@ def test_the_file_meets_the_ratio_in_real_bytes(tmp_path, model, data, ratio):
     assert result.fp32_bytes / out.stat().st_size >= ratio
     assert read_mbz(out).metadata["pack_config"]["target_ratio"] == ratio
     bits = set(layer_bits(out).values())
-    assert bits <= set(CANDIDATE_BITS) and len(bits) > 1  # mixed precision, not one width
+    allowed = set(CANDIDATE_BITS) | {step_bits(m) for m in STEP_CODES}
+    assert bits <= allowed and len(bits) > 1  # mixed precision, not one width
 
 
 @pytest.mark.slow
@@ -157,7 +162,7 @@ def test_sparsity_candidates_start_from_the_prune_floor_and_nest():
     rng = np.random.default_rng(4)
     weight = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
     floor = np.abs(weight) > np.quantile(np.abs(weight), 0.3)
-    masks = candidate_masks(weight, floor, PackConfig(prune_mode="weight"))
+    masks = candidate_masks(weight, floor)
     assert masks[0] is floor
     sparsities = [1 - m.mean() for m in masks]
     assert sparsities == pytest.approx([0.3, 0.5, 0.75], abs=1e-3)
@@ -165,7 +170,7 @@ def test_sparsity_candidates_start_from_the_prune_floor_and_nest():
         assert not (narrower & ~wider).any()  # what one prunes, the sparser ones prune too
         # what a sparser mask drops on top is smaller than anything it keeps
         assert np.abs(weight[wider & ~narrower]).max() <= np.abs(weight[narrower]).min()
-    assert candidate_masks(weight, None, PackConfig(prune_mode="channel")) == [None]
+    assert len(candidate_masks(weight, None)) == len(CANDIDATE_SPARSITIES)  # 0.0: the floor
 
 
 def test_the_budget_prunes_where_that_is_cheaper_than_fewer_bits():
@@ -178,36 +183,66 @@ def test_the_budget_prunes_where_that_is_cheaper_than_fewer_bits():
         weight[rng.random(weight.shape) < 0.5] *= 1e-3
         weights[f"w{i}"] = weight
 
-    def choose(config, target):
-        codings = [Coding.of(config, bits) for bits in CANDIDATE_BITS]
-        options = {
-            n: layer_candidates(n, w, None, codings, candidate_masks(w, None, config))
+    def options(prune):
+        codings = [Coding.of(PackConfig(), bits) for bits in CANDIDATE_BITS]
+        return {
+            n: layer_candidates(n, w, None, codings, candidate_masks(w, None) if prune else [None])
             for n, w in weights.items()
         }
-        return fit(options, target + HEADROOM, lambda c: sum(x.cost for x in c.values()))
+
+    def choose(prune, target):
+        return fit(options(prune), target + HEADROOM, cost)
+
+    def cost(choice):
+        return sum(x.cost for x in choice.values())
 
     def loss(choice):
         return sum(c.sensitivity for c in choice.values())
 
-    dense, sparse = choose(PackConfig(), 2700), choose(PackConfig(prune_mode="weight"), 2700)
-    assert sum(c.cost for c in dense.values()) <= 2700
-    assert sum(c.cost for c in sparse.values()) <= 2700
+    def summary(choices):
+        return [{n: (c.bits, c.sparsity, c.cost) for n, c in choice.items()} for choice in choices]
+
+    dense, sparse = choose(False, 2700), choose(True, 2700)
+    assert cost(dense) <= 2700 and cost(sparse) <= 2700
     assert all(c.sparsity == 0 for c in dense.values())
     assert any(c.sparsity > 0 for c in sparse.values()) and loss(sparse) < loss(dense)
+    floors = dict.fromkeys(weights, 0.0)
+    codings = [Coding.of(PackConfig(), bits) for bits in CANDIDATE_BITS]
+    found = {n: encoded_candidates(n, w, None, codings, candidate_masks(w, None))
+             for n, w in weights.items()}
+    # both are offered for measuring (the pruned one's estimate is the less reliable)
+    offered = allocations(found, floors, 2700 + HEADROOM, cost)
+    assert summary(offered) == summary([sparse, dense])
     with pytest.raises(BudgetError):  # below the smallest dense choice: only pruning fits
-        choose(PackConfig(), 2550)
-    smaller = choose(PackConfig(prune_mode="weight"), 2550)
-    assert sum(c.cost for c in smaller.values()) <= 2550
+        choose(False, 2550)
+    smaller = choose(True, 2550)
+    assert summary(allocations(found, floors, 2550 + HEADROOM, cost)) == summary([smaller])
+    assert cost(smaller) <= 2550
     for name, candidate in smaller.items():  # pruned positions decode to exactly zero
         mask = candidate.tensor.mask
         assert candidate.sparsity > 0 and np.all(candidate.tensor.decode()[~mask] == 0.0), name
 
 
+def test_the_divergence_measures_the_whole_choice(data):
+    captured = capture(narrow_mobilenet())
+    graph, params = captured.graph, dict(captured.params)
+    fold_batchnorm(graph, params)
+    names = [node["params"]["weight"] for node in weight_nodes(graph)]
+    divergence = Divergence(graph, params, PackConfig(), load_split(str(data), "train"))
+
+    def choice(bits):
+        coding = Coding.of(PackConfig(), bits)
+        return {n: Candidate(bits, quantize_weight(params[n], coding), 0, 0.0) for n in names}
+
+    coarse, fine = choice(2), choice(8)
+    assert divergence({}) == 0.0
+    assert divergence(fine) < divergence({names[0]: coarse[names[0]]}) < divergence(coarse)
+
+
 @pytest.mark.slow
 def test_a_budget_with_weight_pruning_fits_and_records_the_sparsity(tmp_path, model, data):
     out = tmp_path / "m.mbz"
-    result = mbz.pack(model, out, data=str(data), target_ratio=12.0, prune_mode="weight",
-                      calib_images=32)
+    result = mbz.pack(model, out, data=str(data), target_ratio=12.0, calib_images=32)
     assert result.fp32_bytes / out.stat().st_size >= 12.0
     layers = read_mbz(out).metadata["layers"]
     assert any(facts["sparsity"] >= 0.25 for facts in layers.values())
@@ -222,7 +257,8 @@ def test_uniform_budgets_have_steps_between_whole_bits():
     assert steps == list(STEP_CODES)
     pinned = candidate_codings(uniform, (4,), None)  # a --bits rule: steps stored in 4 bits only
     assert [(c.bits, c.max_code) for c in pinned] == [(4, None), (4, 5), (4, 7)]
-    assert not any(c.max_code for c in candidate_codings(PackConfig(), CANDIDATE_BITS, None))
+    per_tensor = PackConfig(method="uniform", per_channel=False)
+    assert not any(c.max_code for c in candidate_codings(per_tensor, CANDIDATE_BITS, None))
     # the finer steps let a budget lose less than whole bits alone at the same bytes
     rng = np.random.default_rng(6)
     weights, gains = {}, {}
