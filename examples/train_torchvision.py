@@ -30,10 +30,10 @@ MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
 
 
-def cifar_mobilenet_v2(num_classes: int = 10) -> nn.Module:
+def cifar_mobilenet_v2(num_classes: int = 10, width: float = 1.0) -> nn.Module:
     """torchvision's mobilenet_v2 with stride 1 in the first conv and the first 24-channel block,
     the usual change for 32x32 images."""
-    model = torchvision.models.mobilenet_v2(num_classes=num_classes)
+    model = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width)
     model.features[0][0].stride = (1, 1)
     model.features[2].conv[1][0].stride = (1, 1)
     return model
@@ -76,7 +76,7 @@ def train(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = np.load(args.data)
     x, y = data["x_train"], data["y_train"].astype(np.int64)
-    model = cifar_mobilenet_v2().to(device).to(memory_format=torch.channels_last)
+    model = cifar_mobilenet_v2(width=args.width).to(device).to(memory_format=torch.channels_last)
     steps_per_epoch = len(x) // args.batch_size
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4
@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=float, default=1.0, help="width multiplier")
     args = parser.parse_args()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     summary = train(args)

@@ -76,9 +76,8 @@ _PACK_FLAGS: dict[str, Flag] = {
         "slimming); layers become physically smaller, so the file needs no masks and every "
         "runtime gets faster. weight: remove the smallest weights anywhere (global magnitude), "
         "stored as a bitmap/CSR mask or, where smaller, as the code that decodes to 0.0; keeps "
-        "more accuracy at the same fraction but saves less and runs no faster. With "
-        "--target-ratio/--target-size, weight also lets the budget prune each layer further "
-        "(25, 50 or 75% of its smallest weights) where that loses less than fewer bits.",
+        "more accuracy at the same fraction but saves less and runs no faster. A byte budget "
+        "(--target-ratio/--target-size) may prune any layer further, in either mode.",
         click.Choice(PRUNE_MODES),
     ),
     "symmetric": Flag(
@@ -93,15 +92,15 @@ _PACK_FLAGS: dict[str, Flag] = {
         "tensor, so the file is never larger); --no-huffman keeps every stream fixed-width."
     ),
     "target_ratio": Flag(
-        "Choose the bits of each layer (2, 3, 4, 5, 6 or 8) so that the file is at least R times "
-        "smaller than the FP32 model, in real file bytes, losing the least: each layer's "
-        "sensitivity is measured on --calib-images images of --data's train split (Fisher "
-        "information times quantization error), then a knapsack picks the bits (and, with "
-        "--prune-mode weight, the sparsity of each layer). With --method uniform the "
-        "budget also has steps half a bit apart between whole bits (step-size mode: one step "
-        "per layer on the weights before BatchNorm folding, times each channel's BN gain, "
-        "entropy-coded). --bits rules "
-        "other than the defaults pin the layers they select. Fails, naming the smallest "
+        "Choose each layer's bits (2, 3, 4, 5, 6 or 8) and sparsity (0, 25, 50 or 75% of its "
+        "smallest weights) so that the file is at least R times smaller than the FP32 model, in "
+        "real file bytes, losing the least: each layer's sensitivity is measured on "
+        "--calib-images images of --data's train split (Fisher information times quantization "
+        "error), then a knapsack picks. Uniform step-size codes (one step per layer on the "
+        "weights before BatchNorm folding, half a bit apart) give fine steps between whole "
+        "bits. The knapsack runs with and without the pruned and the step-size candidates and "
+        "keeps the choice whose logits on those images are nearest the float model's. --bits "
+        "rules other than the defaults pin the layers they select. Fails, naming the smallest "
         "reachable size, when the budget cannot be met. Needs --data; 0: off.",
         click.FloatRange(min=0),
         metavar="R",
