@@ -2,6 +2,7 @@
 narrow MobileNet-v2 and synthetic images."""
 
 import itertools
+import json
 import re
 
 import numpy as np
@@ -296,3 +297,6 @@ def test_a_uniform_budget_fits_with_step_codes(tmp_path, model, data):
             largest = int(np.abs(tensor.qdata.astype(int) - zero).max())
             steps += [largest] if largest != zero - 1 else []
     assert steps and set(steps) <= set(STEP_CODES)
+    # the numpy runtime, torch and ONNX Runtime agree on them as on any uniform codes
+    report = json.loads(invoke("eval", out, "--data", data, "--runtime", "all", "--json").output)
+    assert report["ok"], report["failures"]
