@@ -43,10 +43,12 @@ from mbz.format import (
 from mbz.format.encodings import encoding_of
 from mbz.format.tensors import ChannelCodebookTensor
 from mbz.graph_ops import weight_nodes
+from mbz.quantize import F16_TINY
 from mbz.torch_graph import GraphModule
 
 MIN_SCALE = 1e-8  # learned scales are clamped to at least this, so codes stay finite
 INT8_MIN, INT8_MAX = -128, 127  # the range of an int_codebook centroid
+F16_MAX = float(np.finfo(np.float16).max)
 
 
 def straight_through(value: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -233,11 +235,19 @@ class UniformWeight(nn.Module):
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("mask", _buffer(tensor.mask))
         self.top = float(2**tensor.bits - 1)
+        # lean files store float16 scales: training then uses float16 values too, so that the
+        # exported scales keep their 2 bytes and decode to what was trained
+        with np.errstate(over="ignore"):
+            half = tensor.scale.astype(np.float16).astype(np.float32)
+        self.float16 = tensor.lean and np.array_equal(half, tensor.scale)
         per_scale = latent.size // tensor.channels
         self.gradient_factor = 1.0 / math.sqrt(per_scale * self.top)  # LSQ's g
 
     def _scale(self) -> torch.Tensor:
-        return self.scale.clamp_min(MIN_SCALE)
+        if not self.float16:
+            return self.scale.clamp_min(MIN_SCALE)
+        scale = self.scale.clamp(F16_TINY, F16_MAX)
+        return straight_through(scale.half().float(), scale)
 
     def codes(self) -> torch.Tensor:
         """The integer codes (as floats) of the current weights and scales."""

@@ -153,6 +153,8 @@ def test_qat_codes_stay_in_range_and_decode_to_the_trained_model(data, folded):
         assert isinstance(tensor, UniformTensor) and tensor.bits == 2
         tensor.validate()  # codes and zero points < 2**bits, scales finite and > 0
         np.testing.assert_array_equal(tensor.decode(), used[name])
+        # trained scales are float16 values, so the lean file keeps storing them in 2 bytes
+        assert tensor.lean and np.array_equal(tensor.scale.astype(np.float16), tensor.scale)
     moved = [n for n in names if not np.array_equal(exported[n].scale, tensors[n].scale)]
     assert len(moved) > len(names) // 2
     x = preprocess_images(data.images, {"mean": config.mean, "std": config.std}, "cpu")
