@@ -339,7 +339,19 @@ def uniform_quantize(
     if not symmetric:
         zero_point = np.clip(np.round(-lo / scale), 0, qmax)
     codes = np.clip(np.round(rows / scale[:, None]) + zero_point[:, None], 0, qmax)
-    qdata = codes.astype(np.uint8).reshape(weight.shape)
+    return _uniform(codes.reshape(weight.shape), scale, zero_point, bits, per_channel, mask)
+
+
+def _uniform(
+    codes: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    bits: int,
+    per_channel: bool,
+    mask: np.ndarray | None,
+) -> UniformTensor:
+    """The lean UniformTensor of float ``codes`` (pruned positions stored as 0)."""
+    qdata = codes.astype(np.uint8)
     if mask is not None:
         qdata[~mask] = 0
     return UniformTensor(
@@ -406,18 +418,8 @@ def step_quantize(
     bits = step_bits(max_code)
     zero = 2 ** (bits - 1)
     codes = np.clip(np.round(rows / scale[:, None]), -max_code, max_code) + zero
-    qdata = codes.astype(np.uint8).reshape(weight.shape)
-    if mask is not None:
-        qdata[~mask] = 0
-    return UniformTensor(
-        qdata=qdata,
-        scale=scale,
-        zero_point=np.full(rows.shape[0], zero, np.uint8),
-        bits=bits,
-        axis=0,
-        mask=mask,
-        lean=True,
-    )
+    zero_point = np.full(rows.shape[0], zero)
+    return _uniform(codes.reshape(weight.shape), scale, zero_point, bits, True, mask)
 
 
 def _encode_uniform(weight: np.ndarray, coding: Coding, mask: np.ndarray | None) -> Tensor:
