@@ -410,5 +410,5 @@ def check_written(path: Path, size: int, config: PackConfig, fp32_bytes: int) ->
     raise MbzError(
         f"the file came out at {size:,} bytes, {size - target:,} over the budget of "
         f"{target:,}: what was added after the bits were chosen (quantized activations, "
-        f"fine-tuning) took more than the {HEADROOM} bytes kept for it; ask for a smaller size"
+        "fine-tuning) took more than the room kept for it; ask for a smaller size"
     )

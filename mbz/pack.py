@@ -4,6 +4,7 @@ activations, evaluate, write."""
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,9 @@ class _Encode:
         return tensors, layers
 
 
+FINETUNE_SLACK = 0.03  # share of a byte budget kept free for the entropy of fine-tuned codes
+
+
 def _planned(
     loaded: LoadedModel, encode: _Encode, calibration: Dataset | None, progress: Progress
 ) -> budget.Choice:
@@ -204,18 +208,22 @@ def _planned(
 
     layers = {n["params"]["weight"]: layer_info(graph, n, params) for n in weight_nodes(graph)}
     target = budget.target_bytes(config, loaded.fp32_bytes) or 0
-    return budget.choose(
-        graph,
-        params,
-        layers,
-        config,
-        encode.masks,
-        calibration,
-        target,
-        size_of,
-        encode.gains,
-        progress,
-    )
+    slack = FINETUNE_SLACK if config.finetuning else 0.0  # fine-tuned codes entropy-code anew
+    try:
+        return budget.choose(
+            graph,
+            params,
+            layers,
+            config,
+            encode.masks,
+            calibration,
+            math.floor(target * (1 - slack)),
+            size_of,
+            encode.gains,
+            progress,
+        )
+    except budget.BudgetError as error:
+        raise budget.BudgetError(math.ceil(error.smallest / (1 - slack))) from None
 
 
 def build_metadata(

@@ -218,8 +218,9 @@ class IntCodebookWeight(ScaledCodebookWeight):
 
 
 class UniformWeight(nn.Module):
-    """LSQ fake quantization ``(clamp(round(w / s) + z, 0, 2^bits - 1) - z) * s`` of trainable
-    float weights ``w``, learnable scales ``s`` and fixed integer zero points ``z``."""
+    """LSQ fake quantization ``(clamp(round(w / s) + z, low, top) - z) * s`` of trainable
+    float weights ``w``, learnable scales ``s`` and fixed integer zero points ``z``; ``low`` and
+    ``top`` are the smallest and largest code the stored tensor starts with."""
 
     zero_point: torch.Tensor
     mask: torch.Tensor | None
@@ -234,14 +235,19 @@ class UniformWeight(nn.Module):
         zero_point = torch.from_numpy(tensor.zero_point.astype(np.float32)).view(view)
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("mask", _buffer(tensor.mask))
-        self.top = float(2**tensor.bits - 1)
+        # the codes keep the range they start in (step-size codes use -m..m of 2**bits), so
+        # training does not spread them over codes that cost more bytes once entropy-coded
+        kept = tensor.qdata if tensor.mask is None else tensor.qdata[tensor.mask]
+        self.low = float(kept.min()) if kept.size else 0.0
+        self.top = float(kept.max()) if kept.size else float(2**tensor.bits - 1)
         # lean files store float16 scales: training then uses float16 values too, so that the
         # exported scales keep their 2 bytes and decode to what was trained
         with np.errstate(over="ignore"):
             half = tensor.scale.astype(np.float16).astype(np.float32)
         self.float16 = tensor.lean and np.array_equal(half, tensor.scale)
         per_scale = latent.size // tensor.channels
-        self.gradient_factor = 1.0 / math.sqrt(per_scale * self.top)  # LSQ's g
+        levels = max(self.top - self.low, 1.0)
+        self.gradient_factor = 1.0 / math.sqrt(per_scale * levels)  # LSQ's g
 
     def _scale(self) -> torch.Tensor:
         if not self.float16:
@@ -253,7 +259,7 @@ class UniformWeight(nn.Module):
         """The integer codes (as floats) of the current weights and scales."""
         with torch.no_grad():
             levels = torch.round(self.weight / self._scale()) + self.zero_point
-            return levels.clamp(0, self.top)
+            return levels.clamp(self.low, self.top)
 
     def forward(self) -> torch.Tensor:
         """The dequantized weight; straight-through gradients to ``w`` inside the range, LSQ's
@@ -261,7 +267,7 @@ class UniformWeight(nn.Module):
         scale = scaled_gradient(self._scale(), self.gradient_factor)
         scaled = self.weight / scale
         levels = straight_through(torch.round(scaled), scaled) + self.zero_point
-        weight = (levels.clamp(0, self.top) - self.zero_point) * scale
+        weight = (levels.clamp(self.low, self.top) - self.zero_point) * scale
         return _masked(weight, self.mask)
 
     def apply_mask(self) -> None:

@@ -21,7 +21,8 @@ from mbz.format import CodebookTensor, ScaledCodebookTensor, UniformTensor, read
 from mbz.graph_ops import weight_nodes
 from mbz.pack import quantize_graph
 from mbz.prune import prune_zeroed_channels
-from mbz.qat import TrainableGraph
+from mbz.qat import TrainableGraph, UniformWeight
+from mbz.quantize import step_quantize
 from mbz.runtime import load_program
 from mbz.torch_graph import GraphModule, preprocess_images
 from tests.helpers import invoke, narrow_mobilenet, recalibrate_batchnorm, save_mbz_checkpoint
@@ -231,3 +232,16 @@ def test_finetuning_needs_a_train_split(tmp_path, model_file, data):
     assert "--finetune-epochs needs --data" in missing.output
     bad = invoke("pack", model_file, "--finetune-epochs", 1, "--val-fraction", 1.5, expect=2)
     assert "--val-fraction" in bad.output
+
+
+def test_qat_keeps_step_codes_in_their_range():
+    weight = np.random.default_rng(3).standard_normal((8, 16, 3, 3)).astype(np.float32)
+    stored = step_quantize(weight, None, 2)  # codes 2..6 of 3 bits (zero point 4)
+    module = UniformWeight(weight, stored)
+    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+    for _ in range(3):  # a loss that pushes every weight outwards, past the largest code
+        optimizer.zero_grad()
+        (-module().abs().sum()).backward()
+        optimizer.step()
+    codes = module.export(stored).qdata
+    assert codes.min() == 2 and codes.max() == 6 and np.abs(module.weight.detach()).max() > 3
