@@ -10,7 +10,7 @@ bytes its section adds to the file (``mbz.format``'s encoding of the tensor in t
 stores, Huffman included, rounded up to the section alignment); its *sensitivity* is the increase
 in loss it is expected to cause: ``0.5 * sum(F * (w - q(w))**2)``, with ``F`` the diagonal Fisher
 information of the folded float model on calibration images (the second-order term of the loss
-around trained weights), scaled per layer so that at PROBE_BITS it equals the measured KL
+around trained weights), mapped per layer onto the measured KL
 divergence of the logits from the float model's with that layer alone quantized (the diagonal
 misses how errors add up over a wide layer's inputs). A knapsack over the costs rounded *up* to a
 bucket of bytes picks the candidate per layer with the least summed sensitivity whose rounded
@@ -58,7 +58,7 @@ HEADROOM = 1024  # bytes kept free for metadata written after the choice (the ac
 MAX_ROUNDS = 8  # choices tried with less room before falling back to the smallest one
 FISHER_BATCH = 32  # images per backward pass of the sensitivity measurement
 PROBE_IMAGES = 64  # calibration images each layer's measured output change is averaged over
-PROBE_BITS = 3  # the width at which each layer's sensitivity is measured, not estimated
+PROBE_BITS = (2, 4)  # the widths at which each layer's sensitivity is measured, not estimated
 
 Choice = dict[str, "Candidate"]  # weight tensor name -> the candidate chosen for it
 SizeOf = Callable[[Choice], int]  # the bytes of the file a choice makes
@@ -155,28 +155,32 @@ class Divergence:
 
 def probe_kl(
     options: dict[str, list[Candidate]], divergence: Divergence, progress: Progress = None
-) -> dict[str, tuple[Candidate, float]]:
-    """Per weight, its candidate nearest PROBE_BITS (the least sparse of those) and the
-    ``divergence`` when that weight alone is so encoded."""
+) -> dict[str, list[tuple[Candidate, float]]]:
+    """Per weight, its candidates nearest each of PROBE_BITS (the least sparse of those) and
+    the ``divergence`` when that weight alone is so encoded."""
     probes = {}
     for name, layer in options.items():
-        probe = min(layer, key=lambda c: (abs(c.bits - PROBE_BITS), c.sparsity))
-        probes[name] = (probe, divergence({name: probe}))
+        nearest = [min(layer, key=lambda c: (abs(c.bits - b), c.sparsity)) for b in PROBE_BITS]
+        probes[name] = [(probe, divergence({name: probe})) for probe in dict.fromkeys(nearest)]
         if progress:
             progress(len(divergence.x))
     return probes
 
 
-def rescaled(layer: list[Candidate], probe: tuple[Candidate, float]) -> list[Candidate]:
-    """``layer``'s candidates with sensitivities scaled so that the probe's is its measured KL:
-    the diagonal Fisher gives the shape across bit widths, the measurement the layer's scale
-    (the diagonal misses how errors add up over a wide layer's inputs: 10-50x on the last
-    layers of a MobileNet-v2)."""
-    candidate, kl = probe
-    if candidate.sensitivity <= 0:
+def rescaled(layer: list[Candidate], probes: list[tuple[Candidate, float]]) -> list[Candidate]:
+    """``layer``'s candidates with sensitivities mapped onto the measured KL of the probes: the
+    diagonal Fisher gives the order across candidates, the measurements the scale (the
+    diagonal misses how errors add up over a wide layer's inputs: 10-50x on the last layers of
+    a MobileNet-v2) and, with two probes, the growth ``KL ~ S**p`` (errors add up faster than
+    linearly at 2 bits); with one usable probe, ``p = 1``."""
+    usable = [(c.sensitivity, kl) for c, kl in probes if c.sensitivity > 0 and kl > 0]
+    if not usable:
         return layer
-    factor = kl / candidate.sensitivity
-    return [replace(c, sensitivity=c.sensitivity * factor) for c in layer]
+    (low, low_kl), (high, high_kl) = usable[0], usable[-1]
+    power = 1.0
+    if high != low:
+        power = min(max(math.log(high_kl / low_kl) / math.log(high / low), 0.5), 3.0)
+    return [replace(c, sensitivity=low_kl * (c.sensitivity / low) ** power) for c in layer]
 
 
 def section_cost(name: str, tensor: Tensor) -> int:

@@ -24,6 +24,7 @@ from mbz.budget import (
     fit,
     knapsack,
     layer_candidates,
+    rescaled,
 )
 from mbz.capture import capture
 from mbz.config import PackConfig
@@ -300,3 +301,15 @@ def test_a_uniform_budget_fits_with_step_codes(tmp_path, model, data):
     # the numpy runtime, torch and ONNX Runtime agree on them as on any uniform codes
     report = json.loads(invoke("eval", out, "--data", data, "--runtime", "all", "--json").output)
     assert report["ok"], report["failures"]
+
+
+def test_two_probes_map_the_estimates_onto_measured_growth():
+    tensor = DenseTensor(np.zeros(1, np.float32))
+    layer = [Candidate(b, tensor, 100 * b, s) for b, s in ((2, 8.0), (3, 2.0), (4, 0.5))]
+    # measured: 0.4 at 2 bits, 0.01 at 4 bits, a 40x growth where the estimate grows 16x
+    mapped = rescaled(layer, [(layer[0], 0.4), (layer[2], 0.01)])
+    assert [c.sensitivity for c in mapped][::2] == pytest.approx([0.4, 0.01])
+    assert 0.01 < mapped[1].sensitivity < 0.4
+    assert mapped[1].sensitivity < 0.4 * 2.0 / 8.0  # below the linear map of the 2-bit probe
+    linear = rescaled(layer, [(layer[1], 0.1)])  # one probe: proportional
+    assert [c.sensitivity for c in linear] == pytest.approx([0.4, 0.1, 0.025])
