@@ -273,11 +273,17 @@ def knapsack(options: list[list[Candidate]], room: int, bucket: int) -> list[int
     return chosen[::-1]
 
 
-def fit(options: dict[str, list[Candidate]], target: int, size_of: SizeOf) -> Choice:
+def fit(
+    options: dict[str, list[Candidate]],
+    target: int,
+    size_of: SizeOf,
+    cheapest: Choice | None = None,
+) -> Choice:
     """The least sensitive choice whose file, as ``size_of`` measures it, plus HEADROOM fits
     ``target`` bytes; MbzError naming the smallest reachable size when even the cheapest
-    candidates do not fit."""
-    cheapest = {name: min(layer, key=lambda c: c.cost) for name, layer in options.items()}
+    candidates (``cheapest``, by default the least costly of each layer) do not fit."""
+    if cheapest is None:
+        cheapest = {name: min(layer, key=lambda c: c.cost) for name, layer in options.items()}
     smallest = check_reachable(cheapest, target, size_of)
     names, layers = list(options), list(options.values())
     bucket = max(1, -(-sum(max(c.cost for c in layer) for layer in layers) // BUCKETS))
@@ -295,9 +301,14 @@ def fit(options: dict[str, list[Candidate]], target: int, size_of: SizeOf) -> Ch
 
 
 def allocations(
-    found: dict[str, list[Candidate]], floors: dict[str, float], target: int, size_of: SizeOf
+    found: dict[str, list[Candidate]],
+    floors: dict[str, float],
+    target: int,
+    size_of: SizeOf,
+    fewest: Choice | None = None,
 ) -> list[Choice]:
-    """The choices of ``found``'s candidates that fit ``target``: with every candidate, and
+    """The choices of ``found``'s candidates that fit ``target`` (the one with every candidate
+    falls back to ``fewest``, a choice the caller found to fit): with every candidate, and
     without those that prune more than ``floors`` (each layer's sparsity from ``--prune``),
     without step-size codes, and without both, where those differ and fit. The sensitivities
     of heavy pruning and of a new family of codes are the least reliable estimates, so the
@@ -313,16 +324,15 @@ def allocations(
         return dense(c, name) and whole(c, name)
 
     choices, seen = [], set()
-    for keep in (lambda c, name: True, dense, whole, both):
+    for index, keep in enumerate((lambda c, name: True, dense, whole, both)):
         subset = {name: [c for c in layer if keep(c, name)] for name, layer in found.items()}
         sizes = tuple(len(layer) for layer in subset.values())
         if sizes in seen or not all(sizes):
             continue
         seen.add(sizes)
         try:
-            choices.append(
-                fit({n: undominated(layer) for n, layer in subset.items()}, target, size_of)
-            )
+            options = {n: undominated(layer) for n, layer in subset.items()}
+            choices.append(fit(options, target, size_of, None if index else fewest))
         except BudgetError:
             pass  # only what was left out reaches the budget
     return choices
@@ -400,7 +410,7 @@ def choose(
     scaled = {name: rescaled(found[name], kl) for name, kl in probes.items()}
     floors = {name: float(1.0 - masks[name].mean()) if name in masks else 0.0 for name in layers}
     judge = Divergence(graph, params, config, calibration)
-    return min(allocations(scaled, floors, target, size_of), key=judge)
+    return min(allocations(scaled, floors, target, size_of, fewest), key=judge)
 
 
 def check_written(path: Path, size: int, config: PackConfig, fp32_bytes: int) -> None:
