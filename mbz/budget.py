@@ -190,19 +190,6 @@ def section_cost(name: str, tensor: Tensor) -> int:
     return -(-len(body) // DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT
 
 
-def layer_candidates(
-    name: str,
-    weight: np.ndarray,
-    fisher: np.ndarray | None,
-    codings: Iterable[Coding],
-    masks: Iterable[np.ndarray | None] = (None,),
-) -> list[Candidate]:
-    """The weight encoded by each of ``codings`` under each keep-mask of ``masks``, less the
-    candidates another beats; without ``fisher``, the sensitivities are plain squared errors
-    (a pruned weight's error is its whole value)."""
-    return undominated(encoded_candidates(name, weight, fisher, codings, masks))
-
-
 def encoded_candidates(
     name: str,
     weight: np.ndarray,
@@ -210,7 +197,9 @@ def encoded_candidates(
     codings: Iterable[Coding],
     masks: Iterable[np.ndarray | None],
 ) -> list[Candidate]:
-    """As ``layer_candidates``, every one (those another beats included)."""
+    """The weight encoded by each of ``codings`` under each keep-mask of ``masks``, those
+    another beats included (``undominated`` drops them); without ``fisher``, the sensitivities
+    are plain squared errors (a pruned weight's error is its whole value)."""
     found = []
     for coding, mask in itertools.product(codings, masks):
         tensor = quantize_weight(weight, coding, mask)

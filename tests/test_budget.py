@@ -23,8 +23,8 @@ from mbz.budget import (
     fisher_diagonal,
     fit,
     knapsack,
-    layer_candidates,
     rescaled,
+    undominated,
 )
 from mbz.capture import capture
 from mbz.config import PackConfig
@@ -141,7 +141,9 @@ def test_tighter_budgets_never_cost_more_bytes_nor_lose_less(data):
     names = [node["params"]["weight"] for node in weight_nodes(graph)]
     fisher = fisher_diagonal(graph, params, names, config, load_split(str(data), "train"))
     codings = [Coding.of(config, bits) for bits in CANDIDATE_BITS]
-    options = {n: layer_candidates(n, params[n], fisher[n], codings) for n in names}
+    options = {
+        n: undominated(encoded_candidates(n, params[n], fisher[n], codings, [None])) for n in names
+    }
 
     def size_of(choice):
         tensors, layers = quantize_graph(graph, params, config, {}, choice)
@@ -185,10 +187,13 @@ def test_the_budget_prunes_where_that_is_cheaper_than_fewer_bits():
         weight[rng.random(weight.shape) < 0.5] *= 1e-3
         weights[f"w{i}"] = weight
 
+    def masks(weight, prune):
+        return candidate_masks(weight, None) if prune else [None]
+
     def options(prune):
         codings = [Coding.of(PackConfig(), bits) for bits in CANDIDATE_BITS]
         return {
-            n: layer_candidates(n, w, None, codings, candidate_masks(w, None) if prune else [None])
+            n: undominated(encoded_candidates(n, w, None, codings, masks(w, prune)))
             for n, w in weights.items()
         }
 
@@ -270,7 +275,10 @@ def test_uniform_budgets_have_steps_between_whole_bits():
             f"w{i}"][:, None, None, None]
 
     def loss(codings_of, target):
-        options = {n: layer_candidates(n, w, None, codings_of(n)) for n, w in weights.items()}
+        options = {
+            n: undominated(encoded_candidates(n, w, None, codings_of(n), [None]))
+            for n, w in weights.items()
+        }
         choice = fit(options, target + HEADROOM, lambda c: sum(x.cost for x in c.values()))
         assert sum(c.cost for c in choice.values()) <= target
         return sum(c.sensitivity for c in choice.values())
