@@ -241,8 +241,8 @@ class PackConfig:
     calib: str = "mse"
     calib_images: int = 256
     calib_percentile: float = 99.99
-    finetune_epochs: float = 0  # passes per fine-tuning run, fractions allowed; 0: none
-    finetune_steps: int = 0  # optimizer steps per fine-tuning run instead of epochs; 0: none
+    finetune_epochs: float = 0  # passes of the whole fine-tuning, fractions allowed; 0: none
+    finetune_steps: int = 0  # optimizer steps of the whole fine-tuning instead; 0: none
     finetune_lr: float = 0.01  # peak learning rate of each fine-tuning run (cosine to 0)
     distill_weight: float = 0.7  # share of the loss that is KL to the float model's logits
     temperature: float = 4.0  # softening of both logits in the distillation loss

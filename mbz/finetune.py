@@ -1,8 +1,11 @@
 """Fine-tuning while packing (``mbz pack --finetune-epochs N``), so compression keeps accuracy.
 
-Each compression step the pack configuration asks for is followed by training on the train
+One schedule with the float model as teacher: the command's fine-tuning budget
+(``--finetune-epochs`` or ``--finetune-steps``) is shared equally by its runs
+(``planned_runs``), one after each compression step, in this order, so the last run trains the
+quantized model that is packed (with the pruning masks fixed). Each run trains on the train
 split of ``--data``, less a held-out part (``--val-fraction``) whose accuracy picks the
-checkpoint that is packed; the test split is never seen here.
+checkpoint that goes on; the test split is never seen here.
 
 - Channel pruning, network slimming (Liu et al. 2017): on the torch module, ``--prune-steps``
   rounds each raise the pruned share towards ``--prune`` (ranking channels by BatchNorm |gamma|
@@ -150,11 +153,22 @@ class Tuning:
         return math.ceil(len(self.train) / BATCH_SIZE)
 
     def steps(self) -> int:
-        """Optimizer steps of one ``fit`` call: ``finetune_steps``, else ``finetune_epochs``
-        passes over ``train`` (at least one step)."""
+        """Optimizer steps of one ``fit`` call: the command's budget (``finetune_steps``, else
+        ``finetune_epochs`` passes over ``train``) shared by its ``planned_runs`` (at least
+        one step each)."""
         config = self.config
-        epochs = config.finetune_epochs * self.steps_per_epoch()
-        return config.finetune_steps or max(1, round(epochs))
+        total = config.finetune_steps or config.finetune_epochs * self.steps_per_epoch()
+        return max(1, round(total / planned_runs(config)))
+
+
+def planned_runs(config: PackConfig) -> int:
+    """How many fine-tuning runs packing with ``config`` makes: one per channel-pruning round,
+    one for gradual weight pruning, one for the quantized model (none when every weight stays
+    float32 and activations float)."""
+    pruning = config.prune_steps if config.prune_mode == "channel" else 1
+    float32 = {*config.bits.values(), config.default_bits} == {32}
+    quantized = config.budgeted or bool(config.act_bits) or not float32
+    return (pruning if config.prune > 0 else 0) + int(quantized) or 1
 
 
 def _both(*callbacks: Callable[[dict], None] | None) -> Callable[[dict], None]:

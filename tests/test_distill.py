@@ -12,7 +12,7 @@ from torch import nn
 
 from mbz.config import PackConfig
 from mbz.data import CIFAR10_CLASSES, Dataset
-from mbz.finetune import Tuning
+from mbz.finetune import Tuning, planned_runs
 from mbz.torch_graph import preprocess_images
 from mbz.train_distill import Distillation, distillation_loss
 from mbz.train_recipe import Recipe
@@ -107,6 +107,23 @@ def test_fractions_of_an_epoch_and_step_budgets(fields, steps):
     assert [row["epoch"] for row in tuning.history] == list(range(1 + -(-steps // 4)))
     with pytest.raises(ValueError, match="not both"):
         PackConfig(finetune_epochs=1, finetune_steps=3)
+
+
+@pytest.mark.parametrize(("fields", "runs"), [
+    ({}, 1),  # the quantized model
+    ({"prune": 0.36}, 3),  # two channel-pruning rounds, then the quantized model
+    ({"prune": 0.36, "prune_steps": 3, "act_bits": {"relu": 8}}, 4),
+    ({"prune": 0.5, "prune_mode": "weight"}, 2),
+    ({"prune": 0.5, "prune_mode": "weight", "bits": {"conv": 32, "fc": 32}, "default_bits": 32}, 1),
+    ({"bits": {"conv": 32, "fc": 32}, "default_bits": 32, "target_ratio": 10}, 1),
+])
+def test_the_budget_is_shared_by_the_runs_of_the_command(fields, runs):
+    data = random_images(512 + 57, 3)  # 4 steps of 128 per epoch
+    config = PackConfig(val_fraction=0.1, finetune_steps=12, **fields)
+    assert planned_runs(config) == runs
+    assert Tuning.of(data, config, torch.device("cpu")).steps() == 12 // runs
+    epochs = dataclasses.replace(config, finetune_steps=0, finetune_epochs=3)
+    assert Tuning.of(data, epochs, torch.device("cpu")).steps() == 12 // runs
 
 
 @pytest.mark.slow

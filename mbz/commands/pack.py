@@ -143,17 +143,18 @@ _PACK_FLAGS: dict[str, Flag] = {
         aliases=("--percentile",),
     ),
     "finetune_epochs": Flag(
-        "Fine-tune on --data's train split after each compression step: channel pruning in "
-        "--prune-steps rounds of this many epochs each (network slimming), weight pruning "
-        "gradually (cubic schedule), then the quantized model (k-means centroids, uniform QAT "
-        "with learned scales, quantized activations in place) for this many epochs; fractions "
-        "such as 0.5 allowed. Each run keeps its best state on the held-out split, the state "
-        "it started from when no epoch beats it. 0 packs post-training only.",
+        "Fine-tune on --data's train split for this many epochs in all (fractions such as "
+        "0.5 allowed), shared equally by one run after each compression step: channel "
+        "pruning in --prune-steps rounds (network slimming), weight pruning gradually "
+        "(cubic schedule), then the quantized model (k-means centroids, uniform QAT with "
+        "learned scales, quantized activations in place), which the last run trains. Each run "
+        "keeps its best state on the held-out split, the state it started from when no epoch "
+        "beats it. 0 packs post-training only.",
         click.FloatRange(min=0),
     ),
     "finetune_steps": Flag(
-        "Fine-tune for this many optimizer steps (batches of 128) per run instead of "
-        "--finetune-epochs.",
+        "Fine-tune for this many optimizer steps (batches of 128) in all instead of "
+        "--finetune-epochs, shared the same way.",
         click.IntRange(min=0),
     ),
     "finetune_lr": Flag(
@@ -307,7 +308,7 @@ def drop_advice(result: PackResult) -> str | None:
     if drop is None or drop >= -MAX_QUIET_DROP:
         return None
     return (
-        f"the packed model lost {-drop:.1f} points: fine-tune it (--finetune-epochs 1), give "
+        f"the packed model lost {-drop:.1f} points: fine-tune it (--finetune-epochs 3), give "
         "the most sensitive layers more bits (e.g. --bits conv=4,fc=8,first=8), or let mbz "
         "choose the bits per layer for a size (--target-ratio R)"
     )
