@@ -3,11 +3,14 @@ fine-tuned with and without distillation from the float model.
 
 Run: python examples/bench_finetune.py MODEL DATA [--arch cifar --mean .5,.5,.5 --std .25,.25,.25]
      [--epochs 3 | --steps N] [--limit-train N] [--limit N] [--only NAME ...]
+     [--variants post distilled labels] [--output runs/bench_finetune.json]
 (MODEL from `mbz train --data DATA`, or a torchvision-layout state_dict with --arch; DATA such as
 ../shared/data/cifar10-fragment.npz). Each row records the real file bytes, the top-1 accuracy
 on the test split (never trained or selected on), the drop against the float model in points,
-and the minutes the pack took on this machine. Prints a Markdown table and writes
-runs/bench_finetune.json with the command line, machine and every row.
+and the minutes the pack took on this machine, and for fine-tuned rows every epoch's held-out
+accuracy (the start's too: the state packed is never worse than it). A budget no candidate
+reaches is a row with the error. Prints a Markdown table and writes --output with the command
+line, machine and every row; a rerun with the same --output skips the rows it holds.
 """
 
 import argparse
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 
 import mbz
+from mbz.errors import MbzError
 
 K, U = {"method": "kmeans"}, {"method": "uniform"}
 W = {"prune_mode": "weight", "bits": "conv=4,fc=2"}
@@ -36,11 +40,17 @@ SETTINGS = {
     "k-means conv=4,fc=4": {**K, "bits": "conv=4,fc=4"},
     "k-means conv=3,fc=3": {**K, "bits": "conv=3,fc=3"},
     "k-means conv=2,fc=2": {**K, "bits": "conv=2,fc=2"},
+    "target ratio 15": {"target_ratio": 15},
     "target ratio 20": {"target_ratio": 20},
+    "target ratio 25": {"target_ratio": 25},
     "target ratio 30": {"target_ratio": 30},
 }
 # how each setting is fine-tuned: (label, extra pack options)
-VARIANTS = (("post-training", {}), ("fine-tuned, distilled", None), ("fine-tuned, labels", 0.0))
+VARIANTS = {
+    "post": ("post-training", None),
+    "distilled": ("fine-tuned, distilled", None),
+    "labels": ("fine-tuned, labels", 0.0),
+}
 
 
 def triple(text: str) -> tuple[float, ...]:
@@ -59,6 +69,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--limit-train", type=int, default=None)
     parser.add_argument("--limit", type=int, default=None, help="test images")
     parser.add_argument("--only", nargs="*", default=None, help="setting names to run")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--output", type=Path, default=Path("runs/bench_finetune.json"))
     return parser.parse_args()
 
@@ -72,11 +83,14 @@ def run(args: argparse.Namespace, options: dict, distill: float | None, tuned: b
         if distill is not None:
             common["distill_weight"] = distill
     start = time.perf_counter()
-    result = mbz.pack(
-        args.model, args.output.with_suffix(".mbz"), data=args.data, limit=args.limit,
-        arch=args.arch, **common, **options,
-    )
-    kept = [row for row in result.finetune or [] if row.get("packed")]
+    try:
+        result = mbz.pack(
+            args.model, args.output.with_suffix(".mbz"), data=args.data, limit=args.limit,
+            arch=args.arch, **common, **options,
+        )
+    except MbzError as error:
+        return {"error": str(error), "minutes": (time.perf_counter() - start) / 60}
+    history = result.finetune or []
     return {
         "file_bytes": result.file_bytes,
         "ratio": result.ratio,
@@ -84,24 +98,38 @@ def run(args: argparse.Namespace, options: dict, distill: float | None, tuned: b
         "float_top1": result.float_accuracy["top1"],
         "drop_points": 100 * (result.float_accuracy["top1"] - result.accuracy["top1"]),
         "minutes": (time.perf_counter() - start) / 60,
-        "kept_epochs": [(row["stage"], row["epoch"]) for row in kept],
+        "kept_epochs": [(row["stage"], row["epoch"]) for row in history if row.get("packed")],
+        "held_out": [(row["stage"], row["epoch"], row["val_accuracy"]) for row in history],
     }
+
+
+def line(row: dict) -> str:
+    """``row`` as a line of the Markdown table."""
+    if "error" in row:
+        return f"| {row['setting']} | {row['run']} | {row['error']} | | | {row['minutes']:.1f} |"
+    return (
+        f"| {row['setting']} | {row['run']} | {row['file_bytes']:,} ({row['ratio']:.1f}x) | "
+        f"{100 * row['top1']:.1f}% | {-row['drop_points']:+.1f} | {row['minutes']:.1f} |"
+    )
 
 
 def main() -> None:
     args = arguments()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     names = args.only or list(SETTINGS)
-    rows = []
+    rows = json.loads(args.output.read_text())["rows"] if args.output.exists() else []
     print("| setting | run | real bytes | top-1 | drop | minutes |\n|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        print(line(row))
     for name in names:
-        for label, distill in VARIANTS:
+        for key in args.variants:
+            label, distill = VARIANTS[key]
+            if any((row["setting"], row["run"]) == (name, label) for row in rows):
+                continue
             row = {"setting": name, "run": label, "options": SETTINGS[name]}
-            row.update(run(args, SETTINGS[name], distill, label != "post-training"))
+            row.update(run(args, SETTINGS[name], distill, key != "post"))
             rows.append(row)
-            print(f"| {name} | {label} | {row['file_bytes']:,} ({row['ratio']:.1f}x) | "
-                  f"{100 * row['top1']:.1f}% | {-row['drop_points']:+.1f} | "
-                  f"{row['minutes']:.1f} |", flush=True)
+            print(line(row), flush=True)
             args.output.write_text(json.dumps({
                 "command": sys.argv, "machine": platform.platform(), "cpus": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(), "rows": rows,

@@ -87,7 +87,8 @@ class BudgetError(MbzError):
     def __init__(self, smallest: int) -> None:
         super().__init__(
             f"the budget cannot be met: the smallest file these layers can make is "
-            f"{smallest:,} bytes (--target-size {smallest}); prune more, or allow fewer bits "
+            f"{smallest:,} bytes (--target-size {smallest}); every stored weight costs about "
+            "a bit at least, so remove channels (--prune 0.36, or more), or allow fewer bits "
             "to the layers --bits pins"
         )
         self.smallest = smallest

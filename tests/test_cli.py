@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from mbz.cli import main
 from mbz.commands.pack import drop_advice
+from mbz.config import PackConfig
 from mbz.format import read_mbz
 from mbz.models import cifar_mobilenet_v2
 from mbz.pack import PackResult
@@ -132,10 +133,18 @@ def test_pack_without_data_says_accuracy_was_not_measured(model_path, workdir):
 def test_a_drop_above_two_points_gets_advice(packed, advice):
     result = PackResult(Path("m.mbz"), 100, 400, {"top1": packed}, 1.0,
                         float_accuracy={"top1": 0.56})
-    text = drop_advice(result)
+    text = drop_advice(result, PackConfig())
     assert (text is not None) == advice
     if advice:
-        assert "--finetune-epochs" in text and "--target-ratio" in text
+        assert "--finetune-epochs 3" in text and "--target-ratio R" in text
+
+
+def test_advice_names_only_what_the_command_did_not_do():
+    result = PackResult(Path("m.mbz"), 100, 400, {"top1": 0.3}, 1.0, float_accuracy={"top1": 0.56})
+    text = drop_advice(result, PackConfig(target_ratio=30, finetune_epochs=3))
+    assert text is not None
+    assert "fine-tune longer" in text and "allow a larger file" in text
+    assert "--bits" not in text and "--target-ratio R" not in text
 
 
 def test_huffman_by_default_never_makes_a_tensor_larger(model_path, workdir):

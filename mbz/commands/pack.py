@@ -282,7 +282,7 @@ def pack_command(
     warning = chance_warning(result)
     if warning:
         click.echo(warning, err=True)
-    _echo_summary(result)
+    _echo_summary(result, job.config)
 
 
 MAX_QUIET_DROP = 2.0  # points of top-1 lost before mbz pack suggests what helps
@@ -302,26 +302,35 @@ def accuracy_line(result: PackResult) -> str:
     return f"{line} on {acc['images']} images of {acc['data']} (torch fake-quant)"
 
 
-def drop_advice(result: PackResult) -> str | None:
-    """What helps when the packed model lost more than MAX_QUIET_DROP points; else None."""
+def drop_advice(result: PackResult, config: PackConfig) -> str | None:
+    """What helps when the packed model lost more than MAX_QUIET_DROP points (what
+    ``config`` did not do already); else None."""
     drop = result.drop_points
     if drop is None or drop >= -MAX_QUIET_DROP:
         return None
-    return (
-        f"the packed model lost {-drop:.1f} points: fine-tune it (--finetune-epochs 3), give "
-        "the most sensitive layers more bits (e.g. --bits conv=4,fc=8,first=8), or let mbz "
-        "choose the bits per layer for a size (--target-ratio R)"
-    )
+    if config.finetuning:
+        remedies = ["fine-tune longer (--finetune-epochs)"]
+    else:
+        remedies = ["fine-tune it (--finetune-epochs 3)"]
+    if config.budgeted:
+        remedies.append("allow a larger file (--target-ratio/--target-size)")
+    else:
+        remedies += [
+            "give the most sensitive layers more bits (e.g. --bits conv=4,fc=8,first=8)",
+            "let mbz choose the bits per layer for a size (--target-ratio R)",
+        ]
+    ways = f"{', '.join(remedies[:-1])}, or {remedies[-1]}"
+    return f"the packed model lost {-drop:.1f} points: {ways}"
 
 
-def _echo_summary(result: PackResult) -> None:
+def _echo_summary(result: PackResult, config: PackConfig) -> None:
     """The human-readable summary of ``mbz pack``."""
     click.echo(
         f"wrote {result.path}: {result.file_bytes:,} bytes, "
         f"{result.ratio:.2f}x smaller than FP32 ({result.fp32_bytes:,} bytes)"
     )
     click.echo(accuracy_line(result))
-    advice = drop_advice(result)
+    advice = drop_advice(result, config)
     if advice:
         click.echo(advice, err=True)
     if result.activation_peak_bytes:
