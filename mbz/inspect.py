@@ -98,7 +98,7 @@ def _layer_row(mbz: MbzFile, node: dict, tensor_rows: dict[str, dict]) -> dict:
         "shape_before": before,
         "shape_after": after,
         "kept_channels": [after[0], before[0]],
-        "bits": weight["bits"],
+        "bits": _recorded_bits(mbz.metadata, node["name"]) or weight["bits"],
         "encoding": weight["encoding"],
         "entropy": weight["entropy"],
         "codebook_size": None if codebook is None else int(codebook.size),
@@ -272,6 +272,14 @@ def _zero_symbol_sparsity(metadata: dict, layer: str) -> float | None:
     if not 0 <= sparsity <= 1:
         raise MbzFormatError(f"{where}.sparsity must be in 0..1")
     return sparsity
+
+
+def _recorded_bits(metadata: dict, layer: str) -> int | None:
+    """The bits a layer was quantized to, as the informative ``layers`` key ``bits`` records
+    it (a zero-symbol codebook's indices are one bit wider: 2**bits centroids and 0.0)."""
+    bits = _object(_object(metadata, "layers"), layer).get("bits")
+    where = f"metadata: layers[{layer[:100]!r}].bits"
+    return None if bits is None else json_int(bits, 1, 32, where)
 
 
 def _shape_before(metadata: dict, layer: str) -> list[int] | None:

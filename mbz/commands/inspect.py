@@ -31,9 +31,9 @@ def inspect_command(file: Path, as_json: bool, wide: bool, onnx: bool, limits: L
     """Validate FILE (a .mbz, every checksum) and show its bytes per layer.
 
     Per layer (within 100 columns; --wide for every column): weight shape before and after
-    channel pruning, kept output channels, encoding
-    (+h when Huffman-coded), bits, codebook size k, share of pruned weights and how their mask is
-    stored (bitmap or csr). Byte columns: payload (values, indices or integer codes), codebook
+    channel pruning, kept output channels, encoding (+h when Huffman-coded), bits it was
+    quantized to, codebook size k, share of pruned weights and how their mask is stored
+    (bitmap or csr). Byte columns: payload (values, indices or integer codes), codebook
     (centroids and Huffman code lengths), scales (scales and zero points), mask (bitmap or CSR
     positions of pruned tensors), then the file-level metadata, header and alignment padding,
     which add up to the file size. Index streams (codes plus Huffman code lengths, "index B")
