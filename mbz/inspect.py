@@ -98,7 +98,7 @@ def _layer_row(mbz: MbzFile, node: dict, tensor_rows: dict[str, dict]) -> dict:
         "shape_before": before,
         "shape_after": after,
         "kept_channels": [after[0], before[0]],
-        "bits": _recorded_bits(mbz.metadata, node["name"]) or weight["bits"],
+        "bits": _quantized_bits(mbz.metadata, node["name"], weight["bits"]),
         "encoding": weight["encoding"],
         "entropy": weight["entropy"],
         "codebook_size": None if codebook is None else int(codebook.size),
@@ -274,12 +274,14 @@ def _zero_symbol_sparsity(metadata: dict, layer: str) -> float | None:
     return sparsity
 
 
-def _recorded_bits(metadata: dict, layer: str) -> int | None:
-    """The bits a layer was quantized to, as the informative ``layers`` key ``bits`` records
-    it (a zero-symbol codebook's indices are one bit wider: 2**bits centroids and 0.0)."""
+def _quantized_bits(metadata: dict, layer: str, stored: int | None) -> int | None:
+    """The bits a layer stored with index width ``stored`` was quantized to, as the
+    informative ``layers`` key ``bits`` records it (a zero-symbol codebook's indices are one bit
+    wider: 2**bits centroids and 0.0); None for float weights, ``stored`` without a record."""
     bits = _object(_object(metadata, "layers"), layer).get("bits")
-    where = f"metadata: layers[{layer[:100]!r}].bits"
-    return None if bits is None else json_int(bits, 1, 32, where)
+    if stored is None or bits is None:
+        return stored
+    return json_int(bits, 1, 32, f"metadata: layers[{layer[:100]!r}].bits")
 
 
 def _shape_before(metadata: dict, layer: str) -> list[int] | None:

@@ -65,6 +65,12 @@ def scaled_gradient(value: torch.Tensor, factor: float | torch.Tensor) -> torch.
     return value.detach() + (scaled - scaled.detach())
 
 
+def float16_rounded(value: torch.Tensor) -> torch.Tensor:
+    """``value`` rounded to float16 (clamped to its finite range), as float32, with the
+    identity's gradient: what a float16 tensor of the file decodes to."""
+    return straight_through(value.clamp(-F16_MAX, F16_MAX).half().float(), value)
+
+
 def _buffer(mask: np.ndarray | None) -> torch.Tensor | None:
     return None if mask is None else torch.from_numpy(np.array(mask, dtype=bool))
 
@@ -93,7 +99,7 @@ class FloatWeight(nn.Module):
         """The weight as stored: float16-rounded when ``float16``, zero where masked."""
         weight: torch.Tensor = self.weight
         if self.float16:
-            weight = straight_through(weight.half().float(), weight)
+            weight = float16_rounded(weight)
         return _masked(weight, self.mask)
 
     @torch.no_grad()
@@ -217,6 +223,25 @@ class IntCodebookWeight(ScaledCodebookWeight):
         return torch.round(self.codebook).clamp(INT8_MIN, INT8_MAX)
 
 
+def _latent_in_codes(
+    latent: np.ndarray, tensor: UniformTensor, view: list[int], codes: tuple[float, float]
+) -> np.ndarray:
+    """The float weights ``latent`` placed so that they quantize to the codes ``tensor``
+    stores, whose scales bias correction may have changed (``mbz.correct``): each channel is
+    multiplied by its stored scale over the least-squares scale of its weights against its
+    codes, then every weight is held within 0.49 steps of its own code (inside the range of
+    ``codes``, the smallest and largest, it may lie beyond). float32."""
+    scale = tensor.scale.astype(np.float64).reshape(view)
+    levels = tensor.qdata.astype(np.float64) - tensor.zero_point.astype(np.float64).reshape(view)
+    axes = tuple(i for i, size in enumerate(view) if size == 1)
+    energy = (levels**2).sum(axis=axes, keepdims=True)
+    fitted = (latent * levels).sum(axis=axes, keepdims=True) / np.where(energy > 0, energy, 1)
+    ratio = np.where((energy > 0) & (fitted > 0), scale / np.where(fitted > 0, fitted, 1), 1.0)
+    low = np.where(tensor.qdata > codes[0], (levels - 0.49) * scale, -np.inf)
+    top = np.where(tensor.qdata < codes[1], (levels + 0.49) * scale, np.inf)
+    return np.clip(latent * ratio, low, top).astype(np.float32)
+
+
 class UniformWeight(nn.Module):
     """LSQ fake quantization ``(clamp(round(w / s) + z, low, top) - z) * s`` of trainable
     float weights ``w``, learnable scales ``s`` and fixed integer zero points ``z``; ``low`` and
@@ -230,16 +255,17 @@ class UniformWeight(nn.Module):
         view = [1] * latent.ndim
         if tensor.axis is not None:
             view[tensor.axis] = tensor.channels
-        self.weight = nn.Parameter(torch.from_numpy(np.array(latent, np.float32)))
-        self.scale = nn.Parameter(torch.from_numpy(tensor.scale.astype(np.float32)).view(view))
-        zero_point = torch.from_numpy(tensor.zero_point.astype(np.float32)).view(view)
-        self.register_buffer("zero_point", zero_point)
-        self.register_buffer("mask", _buffer(tensor.mask))
         # the codes keep the range they start in (step-size codes use -m..m of 2**bits), so
         # training does not spread them over codes that cost more bytes once entropy-coded
         kept = tensor.qdata if tensor.mask is None else tensor.qdata[tensor.mask]
         self.low = float(kept.min()) if kept.size else 0.0
         self.top = float(kept.max()) if kept.size else float(2**tensor.bits - 1)
+        latent = _latent_in_codes(latent, tensor, view, (self.low, self.top))
+        self.weight = nn.Parameter(torch.from_numpy(latent))
+        self.scale = nn.Parameter(torch.from_numpy(tensor.scale.astype(np.float32)).view(view))
+        zero_point = torch.from_numpy(tensor.zero_point.astype(np.float32)).view(view)
+        self.register_buffer("zero_point", zero_point)
+        self.register_buffer("mask", _buffer(tensor.mask))
         # lean files store float16 scales: training then uses float16 values too, so that the
         # exported scales keep their 2 bytes and decode to what was trained
         with np.errstate(over="ignore"):
@@ -339,7 +365,9 @@ class TrainableGraph(GraphModule):
 
     ``params`` are the float tensors (weights before quantization, biases); ``tensors``, when
     given, the container tensors the weights will be stored as (post-training quantized: their
-    codebooks, codes, scales and masks are the starting point); ``masks`` keep-masks for float
+    codebooks, codes, scales and masks are the starting point) and the biases as stored (bias
+    correction included; float16 ones train rounded to float16 and export as float16, so the
+    start is the packed model and the export keeps its bytes); ``masks`` keep-masks for float
     weights without ``tensors``.
     """
 
@@ -354,21 +382,29 @@ class TrainableGraph(GraphModule):
         tensors, masks = tensors or {}, masks or {}
         self.weights = nn.ModuleDict()
         self.names = {slot: name for name, slot in self.slots.items()}
+        self.float16: set[str] = set()  # slots of parameters stored as float16
         weight_names = {node["params"]["weight"] for node in weight_nodes(graph)}
         for name, slot in self.slots.items():
-            value = self.get_buffer(slot)
+            value, stored = self.get_buffer(slot), tensors.get(name)
             delattr(self, slot)
             if name in weight_names:
-                self.weights[slot] = weight_module(params[name], tensors.get(name), masks.get(name))
-            else:
-                self.register_parameter(slot, nn.Parameter(value))
+                self.weights[slot] = weight_module(params[name], stored, masks.get(name))
+                continue
+            if isinstance(stored, DenseTensor):
+                value = torch.from_numpy(stored.decode())
+                if stored.values.dtype == np.float16:
+                    self.float16.add(slot)
+            self.register_parameter(slot, nn.Parameter(value))
 
     def node_tensors(self, node: dict) -> dict[str, torch.Tensor]:
         """The tensors ``node`` reads: the weight modules' outputs and the parameters."""
         return {role: self._value(self.slots[name]) for role, name in node["params"].items()}
 
     def _value(self, slot: str) -> torch.Tensor:
-        return self._weight(slot)() if slot in self.weights else getattr(self, slot)
+        if slot in self.weights:
+            return self._weight(slot)()
+        value = getattr(self, slot)
+        return float16_rounded(value) if slot in self.float16 else value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a preprocessed batch, always in float32 (no autocast), as the file runs."""
@@ -400,12 +436,15 @@ class TrainableGraph(GraphModule):
     @torch.no_grad()
     def export(self, tensors: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The container tensors of the current model: each weight as its module stores it
-        (``tensors`` supply the layout, bits and entropy coding), the rest as float32."""
+        (``tensors`` supply the layout, bits and entropy coding), the rest as float32, or as
+        float16 where they were stored so."""
         tensors = tensors or {}
         exported: dict[str, Tensor] = {}
         for name, slot in self.slots.items():
             if slot in self.weights:
                 exported[name] = self._weight(slot).export(tensors.get(name))
             else:
-                exported[name] = DenseTensor(values=_numpy(getattr(self, slot)))
+                values = _numpy(self._value(slot))
+                dtype = np.float16 if slot in self.float16 else np.float32
+                exported[name] = DenseTensor(values=values.astype(dtype))
         return exported

@@ -14,10 +14,17 @@ import torch
 
 from mbz.capture import capture
 from mbz.config import PackConfig
+from mbz.correct import correct_quantization
 from mbz.data import CIFAR10_CLASSES, Dataset
 from mbz.finetune import Tuning, finetune_quantized, gmp_fraction, prune_weights, slim
 from mbz.fold import fold_batchnorm
-from mbz.format import CodebookTensor, ScaledCodebookTensor, UniformTensor, read_mbz
+from mbz.format import (
+    CodebookTensor,
+    DenseTensor,
+    ScaledCodebookTensor,
+    UniformTensor,
+    read_mbz,
+)
 from mbz.graph_ops import weight_nodes
 from mbz.pack import quantize_graph
 from mbz.prune import prune_zeroed_channels
@@ -141,6 +148,30 @@ def test_centroid_finetuning_moves_codebooks_and_keeps_indices(data, folded, cod
     assert not np.array_equal(tuned[bias].values, tensors[bias].values)
 
 
+@pytest.mark.parametrize("method", ["kmeans", "uniform"])
+def test_finetuning_starts_from_the_packed_model_and_keeps_its_bytes(data, folded, method):
+    """The trainable graph runs what the file holds (bias correction included), and exports
+    the float16 biases it started from as float16, unchanged before any step."""
+    graph, params = copy.deepcopy(folded)
+    config = PackConfig(bits={"conv": 2, "fc": 2}, method=method)
+    tensors, _ = quantize_graph(graph, params, config, {})
+    preprocess = {"mean": config.mean, "std": config.std}
+    correct_quantization(graph, params, tensors, preprocess, data.images)
+    biases = [n["params"]["bias"] for n in weight_nodes(graph)]
+    assert any(not np.allclose(tensors[b].decode(), params[b]) for b in biases)
+    model = TrainableGraph(graph, params, tensors)
+    x = preprocess_images(data.images, preprocess, "cpu")
+    decoded = {name: tensor.decode() for name, tensor in tensors.items()}
+    with torch.no_grad():
+        np.testing.assert_array_equal(model(x).numpy(), logits(graph, decoded, data.images))
+    exported = model.export(tensors)
+    for name in biases:
+        stored, out = tensors[name], exported[name]
+        assert isinstance(stored, DenseTensor) and isinstance(out, DenseTensor)
+        assert out.values.dtype == stored.values.dtype == np.float16
+        np.testing.assert_array_equal(out.values, stored.values)
+
+
 def test_qat_codes_stay_in_range_and_decode_to_the_trained_model(data, folded):
     graph, params = folded
     config = PackConfig(bits={"conv": 2, "fc": 2}, method="uniform")
@@ -244,4 +275,4 @@ def test_qat_keeps_step_codes_in_their_range():
         (-module().abs().sum()).backward()
         optimizer.step()
     codes = module.export(stored).qdata
-    assert codes.min() == 2 and codes.max() == 6 and np.abs(module.weight.detach()).max() > 3
+    assert codes.min() == 2 and codes.max() == 6 and module.weight.detach().abs().max() > 3
