@@ -160,8 +160,8 @@ def pack(
     ("conv=4,fc=2" or a dict, overlaid on conv=4,fc=4), ``method``, ``prune``, ``prune_mode``,
     ``symmetric``, ``per_channel``, ``huffman``, ``act_bits`` ("8", "relu=4,add=8" or a dict),
     ``calib``, ``calib_images``, ``calib_percentile``, ``mean``, ``std``, ``finetune_epochs``,
-    ``finetune_steps``, ``finetune_lr``, ``distill_weight``, ``temperature``, ``l1``,
-    ``prune_steps``, ``val_fraction``, ``seed``,
+    ``finetune_steps``, ``finetune_lr``, ``quantized_lr``, ``distill_weight``, ``temperature``,
+    ``l1``, ``prune_steps``, ``val_fraction``, ``seed``,
     ``target_ratio``, ``target_size``.
 
     ``data`` (``"cifar10"``, an .npz or a cifar-10-batches-py folder; ``data_root`` for

@@ -101,6 +101,7 @@ class Tuning:
         weight_decay: float,
         *,
         keep_start: bool = True,
+        lr: float | None = None,
         objective: Objective | None = None,
         on_epoch: Callable[[dict], None] | None = None,
         penalty: Callable[[nn.Module], torch.Tensor] | None = None,
@@ -108,13 +109,14 @@ class Tuning:
     ) -> FitResult:
         """``steps()`` optimizer steps of ``mbz.training.fit`` on ``train`` (distilling from
         the teacher, if any), scored on ``val`` after each epoch and, with ``keep_start``,
-        before the first: the state kept is the best, the start when no epoch beats it. The
-        stats join ``history`` under ``stage``."""
+        before the first: the state kept is the best, the start when no epoch beats it. ``lr``
+        is the peak learning rate (default ``config.finetune_lr``). The stats join ``history``
+        under ``stage``."""
         config = self.config
         recipe = Recipe(
             epochs=math.ceil(self.steps() / self.steps_per_epoch()),
             batch_size=BATCH_SIZE,
-            lr=config.finetune_lr,
+            lr=lr or config.finetune_lr,
             weight_decay=weight_decay,
             warmup_epochs=0.0,
             seed=config.seed,
@@ -375,6 +377,7 @@ def finetune_quantized(
     if stage is None:
         return tensors
     model = TrainableGraph(graph, params, tensors)
-    result = tuning.fit(model, stage, 0.0, after_step=lambda _: model.apply_masks())
+    lr = tuning.config.quantized_lr
+    result = tuning.fit(model, stage, 0.0, lr=lr, after_step=lambda _: model.apply_masks())
     model.load_state_dict(result.best_state)
     return model.cpu().export(tensors)

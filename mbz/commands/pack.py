@@ -158,7 +158,13 @@ _PACK_FLAGS: dict[str, Flag] = {
         click.IntRange(min=0),
     ),
     "finetune_lr": Flag(
-        "Peak learning rate of each fine-tuning run (SGD, cosine decay to 0).",
+        "Peak learning rate of each pruning run of fine-tuning (SGD, cosine decay to 0).",
+        click.FloatRange(min=0, min_open=True),
+    ),
+    "quantized_lr": Flag(
+        "Peak learning rate of the fine-tuning run that trains the quantized model (SGD, "
+        "cosine decay to 0): it starts close to the float model, and steps as large as a "
+        "pruning run's throw 2-bit codes off it.",
         click.FloatRange(min=0, min_open=True),
     ),
     "distill_weight": Flag(
