@@ -45,6 +45,8 @@ SETTINGS = {
     "target ratio 25": {"target_ratio": 25},
     "target ratio 30": {"target_ratio": 30},
     "prune 0.36 channel, target ratio 30": {"prune": 0.36, "target_ratio": 30},
+    "uniform, target ratio 20": {**U, "target_ratio": 20},
+    "uniform, prune 0.36 channel, target ratio 30": {**U, "prune": 0.36, "target_ratio": 30},
 }
 # how each setting is fine-tuned: (label, extra pack options)
 VARIANTS = {
