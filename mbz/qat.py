@@ -236,7 +236,7 @@ def _latent_in_codes(
     axes = tuple(i for i, size in enumerate(view) if size == 1)
     energy = (levels**2).sum(axis=axes, keepdims=True)
     fitted = (latent * levels).sum(axis=axes, keepdims=True) / np.where(energy > 0, energy, 1)
-    ratio = np.where((energy > 0) & (fitted > 0), scale / np.where(fitted > 0, fitted, 1), 1.0)
+    ratio = np.where(fitted > 0, scale / np.where(fitted > 0, fitted, 1), 1.0)  # 0: no codes
     low = np.where(tensor.qdata > codes[0], (levels - 0.49) * scale, -np.inf)
     top = np.where(tensor.qdata < codes[1], (levels + 0.49) * scale, np.inf)
     return np.clip(latent * ratio, low, top).astype(np.float32)
