@@ -9,15 +9,16 @@ checkpoint that goes on; the test split is never seen here.
 
 - Channel pruning, network slimming (Liu et al. 2017): on the torch module, ``--prune-steps``
   rounds each raise the pruned share towards ``--prune`` (ranking channels by BatchNorm |gamma|
-  over the channel spaces of ``mbz.prune``), zero the dropped channels' gamma and beta, hold them
-  at zero with masks while fine-tuning under an L1 penalty on every gamma (``--l1``); the
-  packed network is then physically smaller (``prune_zeroed_channels``).
+  over the channel spaces of ``mbz.prune``), zero the dropped channels' gamma and beta,
+  re-estimate every BatchNorm's statistics (``reestimate_batchnorm``), hold them at zero with
+  masks while fine-tuning under an L1 penalty on every gamma (``--l1``); the packed network is
+  then physically smaller (``prune_zeroed_channels``).
 - Weight pruning: gradual magnitude pruning (Zhu & Gupta 2017) on the folded graph, the
   pruned share rising on a cubic schedule to ``--prune`` at 3/4 of the fine-tuning steps, the
   masks re-applied after every step; the final masks are what the file stores.
 - Quantized weights and activations: the folded graph as a ``TrainableGraph`` (``mbz.qat``):
-  k-means centroid fine-tuning, uniform QAT with LSQ scales, with the calibrated activation
-  ``quantize`` nodes in place. One code path for all of them.
+  k-means QAT (centroids and the weights' assignment to them), uniform QAT with LSQ scales,
+  with the calibrated activation ``quantize`` nodes in place. One code path for all of them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from mbz.format.encodings import encoding_of
 from mbz.graph_ops import weight_nodes
 from mbz.prune import batchnorm_keep_masks, magnitude_masks, plan_channels
 from mbz.qat import TRAINABLE, FloatWeight, TrainableGraph
+from mbz.torch_graph import preprocess_images
 from mbz.train_distill import Distillation
 from mbz.train_recipe import Recipe
 from mbz.training import FitResult, Objective, StepReport, evaluate_model, fit, split_holdout
@@ -50,6 +52,7 @@ BATCH_SIZE = 128  # images per fine-tuning step
 PRUNING_WEIGHT_DECAY = 5e-4  # as in training; fine-tuning quantized weights uses none
 GMP_END = 0.75  # gradual magnitude pruning reaches its target after this share of the steps
 GMP_UPDATES = 16  # mask updates on the way there (every step for short runs)
+BN_IMAGES = 1024  # training images that re-estimate BatchNorm statistics after pruning
 
 
 @dataclass
@@ -238,6 +241,30 @@ def _channel_masks(module: nn.Module, fraction: float) -> dict[str, np.ndarray]:
     return batchnorm_keep_masks(plan, captured.bn_gamma)
 
 
+@torch.no_grad()
+def reestimate_batchnorm(
+    model: nn.Module, images: np.ndarray, preprocess: dict, device: torch.device | str
+) -> None:
+    """Re-estimate every BatchNorm's running statistics on the uint8 ``images`` (adaptive
+    BatchNorm, Li et al. 2020), in batches of ``BATCH_SIZE``; the model's mode and the
+    BatchNorms' momentum are left as they were. After pruning, the layers after the zeroed
+    channels see inputs whose mean and spread the statistics of the unpruned model no longer
+    describe (a CIFAR-10 MobileNet-v2 with 18% of its weights pruned started fine-tuning at
+    11% held-out accuracy with the old statistics, at 41.5% with re-estimated ones)."""
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in batchnorms]
+    for bn in batchnorms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the batches below
+    training = model.training
+    model.train()
+    for start in range(0, len(images), BATCH_SIZE):
+        model(preprocess_images(images[start : start + BATCH_SIZE], preprocess, device))
+    for bn, momentum in zip(batchnorms, momenta, strict=True):
+        bn.momentum = momentum
+    model.train(training)
+
+
 def slim(module: nn.Module, tuning: Tuning) -> nn.Module:
     """Network slimming: a fine-tuned copy of ``module`` whose pruned channels have exactly
     zero BatchNorm gamma and beta (see the module docstring). ``module`` is left as it is."""
@@ -267,6 +294,8 @@ def slim(module: nn.Module, tuning: Tuning) -> nn.Module:
             return config.l1 * sum(bn.weight.abs().sum() for bn in bns.values())
 
         hold(model)
+        preprocess = {"mean": config.mean, "std": config.std}
+        reestimate_batchnorm(model, tuning.train.images[:BN_IMAGES], preprocess, tuning.device)
         stage = f"channel pruning {step}/{config.prune_steps} ({fraction:.0%} of weights)"
         result = tuning.fit(model, stage, PRUNING_WEIGHT_DECAY, penalty=penalty, after_step=hold)
         model.load_state_dict(result.best_state)

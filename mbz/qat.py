@@ -5,13 +5,14 @@ will hold, so training sees exactly the model that gets written:
 
 - ``FloatWeight``: float weights (float16 ones rounded through a straight-through estimator)
   under an optional keep-mask;
-- ``CodebookWeight``: Deep Compression's centroid fine-tuning, ``codebook[indices]`` with
-  trainable centroids and fixed indices, so autograd sums the gradients of all the weights that
-  share a centroid into it; the sum is divided by their number, so a centroid steps as far as
-  the average of its weights would (a plain sum makes a centroid shared by 10^4 weights take
-  10^4 weight steps: one epoch at learning rate 0.01 took a k-means conv=4,fc=2 MobileNet-v2
-  from 36% to 10% on the CIFAR-10 fragment); ``ScaledCodebookWeight`` and ``IntCodebookWeight``
-  the same with per-channel scales and float16 or int8 centroids;
+- ``CodebookWeight``: k-means QAT, ``codebook[indices]`` with trainable centroids (Deep
+  Compression's centroid fine-tuning) and latent float weights, each position taking the
+  centroid nearest to its latent weight in every forward pass, so weights can move between
+  centroids (centroid fine-tuning alone rarely beat its post-training start on the CIFAR-10
+  fragment); the latent weights get the gradient straight through, and autograd sums the
+  gradients of all the weights that share a centroid into it, divided by their number, so a
+  centroid steps as far as the average of its weights would; ``ScaledCodebookWeight`` and
+  ``IntCodebookWeight`` the same with per-channel scales and float16 or int8 centroids;
 - ``UniformWeight``: quantization-aware training with a straight-through estimator and LSQ
   (Esser et al. 2020) learnable scales (per channel or per tensor) on fixed zero points.
 
@@ -36,7 +37,6 @@ from mbz.format import (
     CodebookTensor,
     DenseTensor,
     Encoding,
-    ScaledCodebookTensor,
     Tensor,
     UniformTensor,
 )
@@ -121,29 +121,112 @@ class FloatWeight(nn.Module):
         return DenseTensor(values=stored, mask=mask)
 
 
+def _cells(centroids: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The unscaled bounds each weight stays within so that it is nearest to its own centroid
+    ``centroids[indices]``: 0.49 of the way to the neighbouring centroid on either side
+    (infinite beyond the smallest and the largest)."""
+    order = np.argsort(centroids, kind="stable")
+    ranked = np.concatenate(([-np.inf], centroids[order].astype(np.float64), [np.inf]))
+    rank = np.empty(order.size, np.int64)
+    rank[order] = np.arange(order.size)
+    own = ranked[rank[indices] + 1]
+    below, above = ranked[rank[indices]], ranked[rank[indices] + 2]
+    low = np.where(np.isfinite(below), own - 0.49 * (own - below), -np.inf)
+    top = np.where(np.isfinite(above), own + 0.49 * (above - own), np.inf)
+    return low, top
+
+
+def _latent_in_cells(
+    latent: np.ndarray,
+    levels: np.ndarray,
+    scale: np.ndarray,
+    cells: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """The float weights ``latent`` placed so that they quantize to what the stored tensor
+    holds, ``scale * levels`` (per channel ``scale``, broadcast; bias correction may have
+    changed it, ``mbz.correct``): each channel is multiplied by its stored scale over the
+    least-squares scale of its weights against ``levels``, then every weight is held in its
+    own cell ``scale * cells`` (unscaled lower and upper bounds). float32."""
+    view = scale.shape
+    axes = tuple(i for i, size in enumerate(view) if size == 1)
+    energy = (levels**2).sum(axis=axes, keepdims=True)
+    fitted = (latent * levels).sum(axis=axes, keepdims=True) / np.where(energy > 0, energy, 1)
+    ratio = np.where(fitted > 0, scale / np.where(fitted > 0, fitted, 1), 1.0)  # 0: no levels
+    low, top = cells
+    return np.clip(latent * ratio, low * scale, top * scale).astype(np.float32)
+
+
+def _nearest(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """The index of the centroid nearest to each of ``values`` (int64)."""
+    order = torch.argsort(centroids, stable=True)
+    ranked = centroids[order]
+    return order[torch.bucketize(values.contiguous(), (ranked[1:] + ranked[:-1]) / 2)]
+
+
 class CodebookWeight(nn.Module):
-    """``codebook[indices]``: trainable centroids shared by the weights that index them."""
+    """k-means QAT of ``codebook[indices]``: trainable centroids shared by the weights that
+    index them, and latent float weights; each position's index is that of the centroid
+    nearest to its latent weight, recomputed every forward pass, so weights can move to
+    another centroid. The latent weights get the decoded weight's gradient straight through,
+    the centroids the mean gradient of the weights they hold."""
 
-    indices: torch.Tensor
     mask: torch.Tensor | None
-    share: torch.Tensor
     zero: torch.Tensor  # True for a centroid 0.0, held there
+    scale: torch.Tensor  # each channel's scale, broadcast over the weight (here 1.0)
 
-    def __init__(self, tensor: CodebookTensor) -> None:
+    def __init__(self, tensor: CodebookTensor, latent: np.ndarray) -> None:
         super().__init__()
         self.codebook = nn.Parameter(torch.from_numpy(np.array(tensor.codebook, np.float32)))
-        self.register_buffer("indices", torch.from_numpy(tensor.indices.astype(np.int64)))
         self.register_buffer("mask", _buffer(tensor.mask))
-        kept = tensor.indices if tensor.mask is None else tensor.indices[tensor.mask]
-        sharing = np.bincount(kept.ravel(), minlength=tensor.codebook.size)
-        self.register_buffer("share", torch.from_numpy(1.0 / np.maximum(sharing, 1)).float())
         self.register_buffer("zero", torch.from_numpy(np.asarray(tensor.codebook) == 0))
+        self.register_buffer("scale", torch.from_numpy(self._scales(tensor)))
+        # the latent weights start in the cells of the stored indices: the start is the file
+        scale = self.scale.numpy().astype(np.float64)
+        centroids = self.stored().detach().numpy()
+        levels = centroids.astype(np.float64)[tensor.indices]
+        placed = _latent_in_cells(latent, levels, scale, _cells(centroids, tensor.indices))
+        self.weight = nn.Parameter(torch.from_numpy(placed))
+
+    @classmethod
+    def of(cls, latent: np.ndarray, tensor: Tensor) -> nn.Module:
+        """The module for ``tensor`` (of this class's encoding) training ``latent`` weights."""
+        return cls(cast(CodebookTensor, tensor), latent)
+
+    @staticmethod
+    def _scales(tensor: Tensor) -> np.ndarray:
+        """The per-channel scales of ``tensor`` shaped to broadcast over its indices."""
+        indices: np.ndarray = cast(CodebookTensor, tensor).indices
+        return np.ones([1] * indices.ndim, np.float32)
+
+    def _share(self, indices: torch.Tensor) -> torch.Tensor:
+        """1 / the sum of the squared scales of the kept weights at each centroid: a
+        centroid's summed gradient times this steps it as far as the least-squares fit of its
+        weights' own steps (a plain sum makes a centroid shared by 10^4 weights take 10^4
+        weight steps: one epoch at learning rate 0.01 took a k-means conv=4,fc=2 MobileNet-v2
+        from 36% to 10% on the CIFAR-10 fragment)."""
+        squares = (self.scale**2).expand(indices.shape)
+        kept = indices if self.mask is None else indices[self.mask]
+        squares = squares if self.mask is None else squares[self.mask]
+        energy = torch.bincount(kept.ravel(), squares.ravel(), minlength=self.codebook.numel())
+        return 1.0 / torch.where(energy > 0, energy, 1.0).float()
+
+    def stored(self) -> torch.Tensor:
+        """The centroids as the file stores them (float32 here)."""
+        return self.codebook
+
+    def assigned(self) -> torch.Tensor:
+        """Each position's centroid index: the nearest centroid to its latent weight."""
+        with torch.no_grad():
+            return _nearest(self.weight / self.scale, self.stored())
 
     def forward(self) -> torch.Tensor:
-        """The decoded weight: each position's centroid, zero where masked; each centroid's
-        gradient is the mean of the gradients of the weights that share it."""
-        codebook = scaled_gradient(self.codebook, self.share)
-        return _masked(codebook[self.indices], self.mask)
+        """The decoded weight, ``scale * centroid`` as the file computes it in float32, zero
+        where masked (see the class docstring for the gradients)."""
+        indices = self.assigned()
+        rounded = straight_through(self.stored(), self.codebook)
+        weight = self.scale * scaled_gradient(rounded, self._share(indices))[indices]
+        weight = straight_through(weight, self.weight) + (weight - weight.detach())
+        return _masked(weight, self.mask)
 
     def apply_mask(self) -> None:
         """Hold a centroid 0.0 at exactly 0.0: pruned weights may be stored as its symbol
@@ -151,11 +234,18 @@ class CodebookWeight(nn.Module):
         with torch.no_grad():
             self.codebook.masked_fill_(self.zero, 0.0)
 
+    def exported_indices(self, template: Tensor) -> np.ndarray:
+        """The indices the forward uses (``template``'s at masked positions)."""
+        stored: np.ndarray = cast(CodebookTensor, template).indices
+        indices = self.assigned().cpu().numpy().astype(stored.dtype)
+        return indices if self.mask is None else np.where(template.mask, indices, stored)
+
     def export(self, template: CodebookTensor) -> CodebookTensor:
-        """``template`` (indices, bits, mask, entropy coding) with the fine-tuned codebook."""
+        """``template`` (bits, mask, entropy coding) with the fine-tuned codebook and
+        indices."""
         return CodebookTensor(
             codebook=_numpy(self.codebook),
-            indices=template.indices,
+            indices=self.exported_indices(template),
             bits=template.bits,
             mask=template.mask,
             entropy=template.entropy,
@@ -165,46 +255,31 @@ class CodebookWeight(nn.Module):
 
 class ScaledCodebookWeight(CodebookWeight):
     """``scale[c] * codebook[indices]`` (SPEC.md 3.6): trainable centroids, rounded to float16
-    in the forward pass (straight through), fixed per-channel float16 scales and indices.
+    in the forward pass (straight through), fixed per-channel float16 scales.
 
     A centroid's gradient is ``sum(scale_i * g_i)`` over its weights; it is divided by
     ``sum(scale_i**2)``, so one step moves the centroid to the least-squares fit of the weights'
     own steps (with a plain mean, a centroid of channels scaled by 0.1 would learn 100x slower
     than its weights)."""
 
-    scale: torch.Tensor
-
-    def __init__(self, tensor: ScaledCodebookTensor) -> None:
-        super().__init__(tensor)  # type: ignore[arg-type]
-        view = [1] * tensor.indices.ndim
-        view[tensor.axis] = tensor.scale.size
-        scale = tensor.scale.astype(np.float64).reshape(view)
-        squares = np.broadcast_to(scale**2, tensor.indices.shape)
-        keep = np.ones(tensor.indices.shape, bool) if tensor.mask is None else tensor.mask
-        energy = np.bincount(
-            tensor.indices[keep], weights=squares[keep], minlength=tensor.codebook.size
-        )
-        share = 1.0 / np.where(energy > 0, energy, 1.0)
-        self.share.copy_(torch.from_numpy(share).float())
-        self.register_buffer("scale", torch.from_numpy(scale.astype(np.float32)))
+    @staticmethod
+    def _scales(tensor: Tensor) -> np.ndarray:
+        channel = cast(ChannelCodebookTensor, tensor)
+        view = [1] * channel.indices.ndim
+        view[channel.axis] = channel.scale.size
+        return channel.scale.astype(np.float32).reshape(view)
 
     def stored(self) -> torch.Tensor:
         """The centroids as the file stores them (rounded to float16), as float32."""
         return self.codebook.half().float()
 
-    def forward(self) -> torch.Tensor:
-        """The decoded weight, exactly as SPEC.md 3.6 computes it in float32."""
-        rounded = straight_through(self.stored(), self.codebook)
-        codebook = scaled_gradient(rounded, self.share)
-        return _masked(self.scale * codebook[self.indices], self.mask)
-
     def export(self, template: ChannelCodebookTensor) -> ChannelCodebookTensor:  # type: ignore[override]
-        """``template`` (scales, indices, bits, mask, entropy coding) with the fine-tuned
-        codebook, stored as the template's centroids are."""
+        """``template`` (scales, bits, mask, entropy coding) with the fine-tuned codebook,
+        stored as the template's centroids are, and indices."""
         return type(template)(
             codebook=_numpy(self.stored()).astype(template.codebook_dtype),
             scale=template.scale,
-            indices=template.indices,
+            indices=self.exported_indices(template),
             bits=template.bits,
             axis=template.axis,
             mask=template.mask,
@@ -221,25 +296,6 @@ class IntCodebookWeight(ScaledCodebookWeight):
     def stored(self) -> torch.Tensor:
         """The centroids as the file stores them (int8), as float32."""
         return torch.round(self.codebook).clamp(INT8_MIN, INT8_MAX)
-
-
-def _latent_in_codes(
-    latent: np.ndarray, tensor: UniformTensor, view: list[int], codes: tuple[float, float]
-) -> np.ndarray:
-    """The float weights ``latent`` placed so that they quantize to the codes ``tensor``
-    stores, whose scales bias correction may have changed (``mbz.correct``): each channel is
-    multiplied by its stored scale over the least-squares scale of its weights against its
-    codes, then every weight is held within 0.49 steps of its own code (inside the range of
-    ``codes``, the smallest and largest, it may lie beyond). float32."""
-    scale = tensor.scale.astype(np.float64).reshape(view)
-    levels = tensor.qdata.astype(np.float64) - tensor.zero_point.astype(np.float64).reshape(view)
-    axes = tuple(i for i, size in enumerate(view) if size == 1)
-    energy = (levels**2).sum(axis=axes, keepdims=True)
-    fitted = (latent * levels).sum(axis=axes, keepdims=True) / np.where(energy > 0, energy, 1)
-    ratio = np.where(fitted > 0, scale / np.where(fitted > 0, fitted, 1), 1.0)  # 0: no codes
-    low = np.where(tensor.qdata > codes[0], (levels - 0.49) * scale, -np.inf)
-    top = np.where(tensor.qdata < codes[1], (levels + 0.49) * scale, np.inf)
-    return np.clip(latent * ratio, low, top).astype(np.float32)
 
 
 class UniformWeight(nn.Module):
@@ -260,11 +316,17 @@ class UniformWeight(nn.Module):
         kept = tensor.qdata if tensor.mask is None else tensor.qdata[tensor.mask]
         self.low = float(kept.min()) if kept.size else 0.0
         self.top = float(kept.max()) if kept.size else float(2**tensor.bits - 1)
-        latent = _latent_in_codes(latent, tensor, view, (self.low, self.top))
+        zero_point = tensor.zero_point.astype(np.float64).reshape(view)
+        levels = tensor.qdata.astype(np.float64) - zero_point
+        cells = (  # a code at either end of the range may lie beyond it
+            np.where(tensor.qdata > self.low, levels - 0.49, -np.inf),
+            np.where(tensor.qdata < self.top, levels + 0.49, np.inf),
+        )
+        scale = tensor.scale.astype(np.float64).reshape(view)
+        latent = _latent_in_cells(latent, levels, scale, cells)
         self.weight = nn.Parameter(torch.from_numpy(latent))
         self.scale = nn.Parameter(torch.from_numpy(tensor.scale.astype(np.float32)).view(view))
-        zero_point = torch.from_numpy(tensor.zero_point.astype(np.float32)).view(view)
-        self.register_buffer("zero_point", zero_point)
+        self.register_buffer("zero_point", torch.from_numpy(zero_point.astype(np.float32)))
         self.register_buffer("mask", _buffer(tensor.mask))
         # lean files store float16 scales: training then uses float16 values too, so that the
         # exported scales keep their 2 bytes and decode to what was trained
@@ -337,14 +399,10 @@ class Trainable:
 
 # One entry per encoding, in the order a fine-tuning stage's name lists them.
 TRAINABLE: dict[Encoding, Trainable] = {
-    Encoding.CODEBOOK: Trainable(lambda _, t: CodebookWeight(t), "k-means centroid fine-tuning"),
+    Encoding.CODEBOOK: Trainable(CodebookWeight.of, "k-means QAT"),
     Encoding.UNIFORM: Trainable(UniformWeight, "uniform QAT (LSQ scales)"),
-    Encoding.SCALED_CODEBOOK: Trainable(
-        lambda _, t: ScaledCodebookWeight(t), "scaled k-means centroid fine-tuning"
-    ),
-    Encoding.INT_CODEBOOK: Trainable(
-        lambda _, t: IntCodebookWeight(t), "integer k-means centroid fine-tuning"
-    ),
+    Encoding.SCALED_CODEBOOK: Trainable(ScaledCodebookWeight.of, "scaled k-means QAT"),
+    Encoding.INT_CODEBOOK: Trainable(IntCodebookWeight.of, "integer k-means QAT"),
     Encoding.F16: Trainable(lambda v, t: FloatWeight(v, t.mask, float16=True), "float16 weights"),
     Encoding.F32: Trainable(lambda v, t: FloatWeight(v, t.mask), None),
 }

@@ -133,19 +133,13 @@ def save_mbz_checkpoint(path: Path, model: nn.Module) -> Path:
 
 
 def recalibrate_batchnorm(model: nn.Module, images_uint8_nhwc) -> nn.Module:
-    """Set every BatchNorm's running statistics to those of ``images`` (one forward pass in
-    train mode, no weight update), so an untrained model's activations keep a useful scale."""
+    """Set every BatchNorm's running statistics to those of ``images`` (no weight update), so
+    an untrained model's activations keep a useful scale; the model in eval mode."""
     from mbz.data import CIFAR10_MEAN, CIFAR10_STD
+    from mbz.finetune import reestimate_batchnorm
 
-    x = torch.as_tensor(images_uint8_nhwc).float() / 255
-    x = ((x - torch.tensor(CIFAR10_MEAN)) / torch.tensor(CIFAR10_STD)).permute(0, 3, 1, 2)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average over the pass
-    model.train()
-    with torch.no_grad():
-        model(x)
+    preprocess = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+    reestimate_batchnorm(model, np.asarray(images_uint8_nhwc), preprocess, "cpu")
     return model.eval()
 
 

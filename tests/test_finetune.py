@@ -16,7 +16,15 @@ from mbz.capture import capture
 from mbz.config import PackConfig
 from mbz.correct import correct_quantization
 from mbz.data import CIFAR10_CLASSES, Dataset
-from mbz.finetune import Tuning, finetune_quantized, gmp_fraction, prune_weights, slim
+from mbz.finetune import (
+    BATCH_SIZE,
+    Tuning,
+    finetune_quantized,
+    gmp_fraction,
+    prune_weights,
+    reestimate_batchnorm,
+    slim,
+)
 from mbz.fold import fold_batchnorm
 from mbz.format import (
     CodebookTensor,
@@ -112,6 +120,26 @@ def test_slimming_holds_channels_at_zero_and_removes_exactly_them(data, model):
     np.testing.assert_allclose(smaller, masked, rtol=0, atol=1e-5 * np.abs(masked).max())
 
 
+def test_batchnorm_statistics_are_reestimated_on_the_images_given():
+    """Running statistics become those of the images (the mean of equal batches' means and
+    unbiased variances); the mode and the momentum stay."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    images = np.random.default_rng(1).integers(0, 256, (2 * BATCH_SIZE, 8, 8, 3), np.uint8)
+    preprocess = {"mean": PackConfig.mean, "std": PackConfig.std}
+    reestimate_batchnorm(model, images, preprocess, "cpu")
+    bn = model[1]
+    assert not model.training and bn.momentum == 0.1
+    with torch.no_grad():
+        y = model[0](preprocess_images(images, preprocess, "cpu"))
+    halves = y.split(BATCH_SIZE)
+    means = torch.stack([h.mean((0, 2, 3)) for h in halves]).mean(0)
+    variances = torch.stack([h.transpose(0, 1).flatten(1).var(1) for h in halves]).mean(0)
+    torch.testing.assert_close(bn.running_mean, means)
+    torch.testing.assert_close(bn.running_var, variances)
+    assert bn.num_batches_tracked.item() == 2
+
+
 def test_gradual_magnitude_pruning_reaches_the_target_and_keeps_zeros(data, folded):
     graph, original = folded
     params = dict(original)
@@ -128,20 +156,26 @@ def test_gradual_magnitude_pruning_reaches_the_target_and_keeps_zeros(data, fold
 
 
 @pytest.mark.parametrize("codebook", ["plain", "scaled"])
-def test_centroid_finetuning_moves_codebooks_and_keeps_indices(data, folded, codebook):
+def test_kmeans_qat_moves_centroids_and_weights_between_them(data, folded, codebook):
+    """k-means QAT trains the centroids and lets weights change centroid; the file holds
+    exactly the weights the model trained with."""
     graph, params = folded
     config = PackConfig(bits={"conv": 4, "fc": 2}, codebook=codebook)
     tensors, _ = quantize_graph(graph, params, config, {})
-    tuned = finetune_quantized(graph, params, tensors, tuning_for(data, quantized_lr=0.01))
+    model = TrainableGraph(graph, params, tensors)
+    tuning_for(data).fit(model, "qat", 0.0, after_step=TrainableGraph.apply_masks)
+    tuned, used = model.export(tensors), model.float_values()
     codebooks = [n["params"]["weight"] for n in weight_nodes(graph)]
     moved = [n for n in codebooks if not np.array_equal(tuned[n].codebook, tensors[n].codebook)]
     # one step on random images: float16 centroids (scaled) swallow the smallest moves
     assert len(moved) > len(codebooks) // 3
+    reassigned = [n for n in codebooks if not np.array_equal(tuned[n].indices, tensors[n].indices)]
+    assert reassigned
     kind = CodebookTensor if codebook == "plain" else ScaledCodebookTensor
     for name in codebooks:
         assert isinstance(tuned[name], kind) and isinstance(tensors[name], kind)
-        np.testing.assert_array_equal(tuned[name].indices, tensors[name].indices)
         assert tuned[name].codebook.size == tensors[name].codebook.size <= 2 ** tuned[name].bits
+        np.testing.assert_array_equal(tuned[name].decode(), used[name])
         if codebook == "scaled":  # only the shared centroids train, the channel scales stay
             np.testing.assert_array_equal(tuned[name].scale, tensors[name].scale)
     bias = weight_nodes(graph)[-1]["params"]["bias"]
@@ -207,7 +241,7 @@ def test_cli_channel_pruning_with_finetuning(tmp_path, model_file, npz):
     stages = list(dict.fromkeys(row["stage"] for row in report["finetune"]))  # each: 0, 1
     assert [row["epoch"] for row in report["finetune"]] == [0, 1, 0, 1]
     assert stages[0].startswith("channel pruning 1/1 (")
-    assert "k-means centroid fine-tuning" in stages[1]
+    assert "k-means QAT" in stages[1]
     assert all(sum(row["packed"] for row in report["finetune"] if row["stage"] == s) == 1
                for s in stages)
     mbz = read_mbz(out)

@@ -84,7 +84,7 @@ def test_int8_centroids_cost_under_a_tenth_of_a_decibel(bits):
 def test_fine_tuning_moves_integer_centroids_and_exports_what_it_trained():
     weight = uneven_channels(4)[:6]
     tensor = int_codebook_quantize(weight, 3)
-    module = IntCodebookWeight(tensor)
+    module = IntCodebookWeight(tensor, weight)
     target = torch.from_numpy(weight * F32(1.1))
     optimizer = torch.optim.SGD(module.parameters(), lr=3.0)
     for _ in range(3):
