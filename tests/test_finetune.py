@@ -35,7 +35,7 @@ from mbz.format import (
 )
 from mbz.graph_ops import weight_nodes
 from mbz.pack import quantize_graph
-from mbz.prune import prune_zeroed_channels
+from mbz.prune import magnitude_masks, prune_zeroed_channels
 from mbz.qat import TrainableGraph, UniformWeight
 from mbz.quantize import step_quantize
 from mbz.runtime import load_program
@@ -183,12 +183,17 @@ def test_kmeans_qat_moves_centroids_and_weights_between_them(data, folded, codeb
 
 
 @pytest.mark.parametrize("method", ["kmeans", "uniform"])
-def test_finetuning_starts_from_the_packed_model_and_keeps_its_bytes(data, folded, method):
-    """The trainable graph runs what the file holds (bias correction included), and exports
-    the float16 biases it started from as float16, unchanged before any step."""
+@pytest.mark.parametrize("pruned", [0.0, 0.5])
+def test_finetuning_starts_from_the_packed_model_and_keeps_its_bytes(
+    data, folded, method, pruned
+):
+    """The trainable graph runs what the file holds (bias correction included; weight
+    pruning's masks too), and exports the float16 biases it started from as float16, and
+    the weights' codes, unchanged before any step."""
     graph, params = copy.deepcopy(folded)
     config = PackConfig(bits={"conv": 2, "fc": 2}, method=method)
-    tensors, _ = quantize_graph(graph, params, config, {})
+    masks = magnitude_masks(graph, params, pruned) if pruned else {}
+    tensors, _ = quantize_graph(graph, params, config, masks)
     preprocess = {"mean": config.mean, "std": config.std}
     correct_quantization(graph, params, tensors, preprocess, data.images)
     biases = [n["params"]["bias"] for n in weight_nodes(graph)]
@@ -204,6 +209,9 @@ def test_finetuning_starts_from_the_packed_model_and_keeps_its_bytes(data, folde
         assert isinstance(stored, DenseTensor) and isinstance(out, DenseTensor)
         assert out.values.dtype == stored.values.dtype == np.float16
         np.testing.assert_array_equal(out.values, stored.values)
+    for node in weight_nodes(graph):
+        name = node["params"]["weight"]
+        np.testing.assert_array_equal(exported[name].decode(), decoded[name])
 
 
 def test_qat_codes_stay_in_range_and_decode_to_the_trained_model(data, folded):

@@ -145,9 +145,10 @@ _PACK_FLAGS: dict[str, Flag] = {
     "finetune_epochs": Flag(
         "Fine-tune on --data's train split for this many epochs in all (fractions such as "
         "0.5 allowed), shared equally by one run after each compression step: channel "
-        "pruning in --prune-steps rounds (network slimming), weight pruning gradually "
-        "(cubic schedule), then the quantized model (k-means centroids, uniform QAT with "
-        "learned scales, quantized activations in place), which the last run trains. Each run "
+        "pruning in --prune-steps rounds (network slimming, BatchNorm statistics re-estimated "
+        "after each cut), weight pruning gradually (cubic schedule), then the quantized model "
+        "(k-means QAT: centroids and which centroid each weight takes; uniform QAT with "
+        "learned scales; quantized activations in place), which the last run trains. Each run "
         "keeps its best state on the held-out split, the state it started from when no epoch "
         "beats it. 0 packs post-training only.",
         click.FloatRange(min=0),
