@@ -113,13 +113,13 @@ class Tuning:
         """``steps()`` optimizer steps of ``mbz.training.fit`` on ``train`` (distilling from
         the teacher, if any), scored on ``val`` after each epoch and, with ``keep_start``,
         before the first: the state kept is the best, the start when no epoch beats it. ``lr``
-        is the peak learning rate (default ``config.finetune_lr``). The stats join ``history``
+        is the peak learning rate (default ``config.pruning_lr()``). The stats join ``history``
         under ``stage``."""
         config = self.config
         recipe = Recipe(
             epochs=math.ceil(self.steps() / self.steps_per_epoch()),
             batch_size=BATCH_SIZE,
-            lr=lr or config.finetune_lr,
+            lr=lr or config.pruning_lr(),
             weight_decay=weight_decay,
             warmup_epochs=0.0,
             seed=config.seed,
@@ -276,6 +276,7 @@ def slim(module: nn.Module, tuning: Tuning) -> nn.Module:
         )
     config = tuning.config
     model = copy.deepcopy(module).to(tuning.device)
+    preprocess = {"mean": config.mean, "std": config.std}
     keep: dict[str, np.ndarray] = {}
     for step in range(1, config.prune_steps + 1):
         fraction = config.prune * step / config.prune_steps
@@ -294,7 +295,6 @@ def slim(module: nn.Module, tuning: Tuning) -> nn.Module:
             return config.l1 * sum(bn.weight.abs().sum() for bn in bns.values())
 
         hold(model)
-        preprocess = {"mean": config.mean, "std": config.std}
         reestimate_batchnorm(model, tuning.train.images[:BN_IMAGES], preprocess, tuning.device)
         stage = f"channel pruning {step}/{config.prune_steps} ({fraction:.0%} of weights)"
         result = tuning.fit(model, stage, PRUNING_WEIGHT_DECAY, penalty=penalty, after_step=hold)

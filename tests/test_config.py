@@ -7,6 +7,7 @@ import pytest
 from mbz.config import (
     DEFAULT_BITS,
     GROUPS,
+    PRUNING_LR,
     LayerInfo,
     PackConfig,
     SelectorError,
@@ -45,6 +46,17 @@ def test_config_round_trips_through_json():
     config = PackConfig(bits={"conv": 3, "fc": 2}, method="uniform", prune=0.5, symmetric=True)
     again = PackConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config
+
+
+def test_pruning_runs_take_the_learning_rate_of_their_mode_unless_given():
+    assert PRUNING_LR["channel"] != PRUNING_LR["weight"]
+    for mode, lr in PRUNING_LR.items():
+        assert PackConfig(prune=0.5, prune_mode=mode, finetune_epochs=1).pruning_lr() == lr
+        given = PackConfig(prune=0.5, prune_mode=mode, finetune_epochs=1, finetune_lr=0.003)
+        assert given.pruning_lr() == 0.003
+        assert PackConfig.from_dict(json.loads(json.dumps(given.to_dict()))) == given
+    with pytest.raises(ValueError, match="learning rate"):
+        PackConfig(finetune_lr=0.0)
 
 
 def test_config_rejects_unknown_keys_and_bad_values():

@@ -159,7 +159,10 @@ _PACK_FLAGS: dict[str, Flag] = {
         click.IntRange(min=0),
     ),
     "finetune_lr": Flag(
-        "Peak learning rate of each pruning run of fine-tuning (SGD, cosine decay to 0).",
+        "Peak learning rate of each pruning run of fine-tuning (SGD, cosine decay to 0) "
+        "[default: 0.04 for channel pruning, 0.01 for weight pruning, each chosen on the "
+        "held-out split: slimming recovers more at 0.04, gradual weight pruning on the folded "
+        "network falls apart there].",
         click.FloatRange(min=0, min_open=True),
     ),
     "quantized_lr": Flag(
