@@ -255,7 +255,7 @@ class PackConfig:
     # the README's tv model fell from 36% to 16% held-out, with 0.003 it reached 42%
     # (mbz pack --method uniform --bits conv=2,fc=2 --finetune-epochs 3 --quantized-lr LR);
     # k-means QAT at 0.01 against 0.003: held-out +0.5 (tv) and -1.7 (w1) at conv=3,fc=3,
-    # +6.2 (tv) and start kept (w1) at --prune 0.36 --bits conv=4,fc=2
+    # +6.2 (tv) and start kept (w1) at --prune 0.36 --bits conv=4,fc=2 (slimming at 0.01)
     quantized_lr: float = 0.003
     distill_weight: float = 0.7  # share of the loss that is KL to the float model's logits
     temperature: float = 4.0  # softening of both logits in the distillation loss

@@ -163,7 +163,7 @@ def test_kmeans_qat_moves_centroids_and_weights_between_them(data, folded, codeb
     config = PackConfig(bits={"conv": 4, "fc": 2}, codebook=codebook)
     tensors, _ = quantize_graph(graph, params, config, {})
     model = TrainableGraph(graph, params, tensors)
-    tuning_for(data).fit(model, "qat", 0.0, after_step=TrainableGraph.apply_masks)
+    tuning_for(data).fit(model, "qat", 0.0, lr=0.01, after_step=TrainableGraph.apply_masks)
     tuned, used = model.export(tensors), model.float_values()
     codebooks = [n["params"]["weight"] for n in weight_nodes(graph)]
     moved = [n for n in codebooks if not np.array_equal(tuned[n].codebook, tensors[n].codebook)]
@@ -189,7 +189,7 @@ def test_finetuning_starts_from_the_packed_model_and_keeps_its_bytes(
 ):
     """The trainable graph runs what the file holds (bias correction included; weight
     pruning's masks too), and exports the float16 biases it started from as float16, and
-    the weights' codes, unchanged before any step."""
+    weights that decode to the stored ones, unchanged before any step."""
     graph, params = copy.deepcopy(folded)
     config = PackConfig(bits={"conv": 2, "fc": 2}, method=method)
     masks = magnitude_masks(graph, params, pruned) if pruned else {}
