@@ -8,11 +8,11 @@ split of ``--data``, less a held-out part (``--val-fraction``) whose accuracy pi
 checkpoint that goes on; the test split is never seen here.
 
 - Channel pruning, network slimming (Liu et al. 2017): on the torch module, ``--prune-steps``
-  rounds each raise the pruned share towards ``--prune`` (ranking channels by BatchNorm |gamma|
-  over the channel spaces of ``mbz.prune``), zero the dropped channels' gamma and beta,
-  re-estimate every BatchNorm's statistics (``reestimate_batchnorm``), hold them at zero with
-  masks while fine-tuning under an L1 penalty on every gamma (``--l1``); the packed network is
-  then physically smaller (``prune_zeroed_channels``).
+  rounds each raise the pruned share towards ``--prune`` (ranking the channel spaces of
+  ``mbz.prune`` by ``taylor_importance`` per weight removed), zero the dropped channels' gamma
+  and beta, re-estimate every BatchNorm's statistics (``reestimate_batchnorm``), hold them at
+  zero with masks while fine-tuning under an L1 penalty on every gamma (``--l1``); the packed
+  network is then physically smaller (``prune_zeroed_channels``).
 - Weight pruning: gradual magnitude pruning (Zhu & Gupta 2017) on the folded graph, the
   pruned share rising on a cubic schedule to ``--prune`` at 3/4 of the fine-tuning steps, the
   masks re-applied after every step; the final masks are what the file stores.
@@ -53,6 +53,8 @@ PRUNING_WEIGHT_DECAY = 5e-4  # as in training; fine-tuning quantized weights use
 GMP_END = 0.75  # gradual magnitude pruning reaches its target after this share of the steps
 GMP_UPDATES = 16  # mask updates on the way there (every step for short runs)
 BN_IMAGES = 1024  # training images that re-estimate BatchNorm statistics after pruning
+TAYLOR_IMAGES = 512  # training images whose gradients rank channels before each slimming cut
+TAYLOR_BATCH = 32  # images per gradient of that ranking (its squares are averaged over batches)
 
 
 @dataclass
@@ -234,11 +236,45 @@ def _batchnorms(module: nn.Module, names: list[str]) -> dict[str, nn.BatchNorm2d
     return found
 
 
-def _channel_masks(module: nn.Module, fraction: float) -> dict[str, np.ndarray]:
-    """Per BatchNorm (module path): the channels a ``fraction`` channel pruning keeps."""
+def _channel_masks(
+    module: nn.Module, fraction: float, importance: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Per BatchNorm (module path): the channels a ``fraction`` channel pruning keeps, ranked
+    by ``importance`` (``taylor_importance``) per weight removed."""
     captured = capture(module)
-    plan = plan_channels(captured.graph, captured.params, captured.bn_gamma, fraction)
-    return batchnorm_keep_masks(plan, captured.bn_gamma)
+    graph, params, gamma = captured.graph, captured.params, captured.bn_gamma
+    plan = plan_channels(graph, params, gamma, fraction, importance)
+    return batchnorm_keep_masks(plan, gamma)
+
+
+def taylor_importance(
+    model: nn.Module, data: Dataset, preprocess: dict, device: torch.device | str
+) -> dict[str, np.ndarray]:
+    """Per affine BatchNorm (module path), each channel's first-order estimate of how much the
+    cross-entropy on ``data`` rises when its gamma and beta are zeroed (Molchanov et al. 2019):
+    ``(gamma * dL/dgamma + beta * dL/dbeta) ** 2`` averaged over batches of ``TAYLOR_BATCH``,
+    the BatchNorms in eval mode. Unlike |gamma|, it compares channels across layers (both are
+    loss) and sees what a channel's beta and the layers after it contribute."""
+    bns = {
+        name: bn
+        for name, bn in model.named_modules()
+        if isinstance(bn, nn.BatchNorm2d) and bn.affine
+    }
+    sums = {name: torch.zeros_like(bn.weight) for name, bn in bns.items()}
+    training = model.training
+    model.eval()
+    starts = range(0, len(data), TAYLOR_BATCH)
+    for start in starts:
+        model.zero_grad()
+        images = preprocess_images(data.images[start : start + TAYLOR_BATCH], preprocess, device)
+        labels = torch.from_numpy(data.labels[start : start + TAYLOR_BATCH]).to(device)
+        nn.functional.cross_entropy(model(images), labels).backward()
+        for name, bn in bns.items():
+            change = bn.weight * cast(torch.Tensor, bn.weight.grad)
+            sums[name] += (change + bn.bias * cast(torch.Tensor, bn.bias.grad)).detach() ** 2
+    model.zero_grad()
+    model.train(training)
+    return {name: (total / len(starts)).cpu().numpy() for name, total in sums.items()}
 
 
 @torch.no_grad()
@@ -280,7 +316,9 @@ def slim(module: nn.Module, tuning: Tuning) -> nn.Module:
     keep: dict[str, np.ndarray] = {}
     for step in range(1, config.prune_steps + 1):
         fraction = config.prune * step / config.prune_steps
-        found = _channel_masks(model, fraction)
+        ranking = tuning.train.head(TAYLOR_IMAGES)
+        importance = taylor_importance(model, ranking, preprocess, tuning.device)
+        found = _channel_masks(model, fraction, importance)
         keep = {name: mask & keep.get(name, True) for name, mask in found.items()}
         bns = _batchnorms(model, list(keep))
         masks = {name: torch.from_numpy(keep[name]).to(tuning.device) for name in bns}

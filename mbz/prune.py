@@ -158,14 +158,42 @@ def _kept_weight_count(spaces: ChannelSpaces, graph: dict, params: dict, kept: d
     return total
 
 
+def _taylor_scores(
+    spaces: ChannelSpaces, graph: dict, params: dict, importance: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Each channel's measured importance per weight it removes: the summed ``importance`` of
+    its space's BatchNorms (an estimate of the loss increase when the channel is zeroed) over
+    the conv and linear weights that go with it, so the greedy order is a knapsack's."""
+    roots = spaces.prunable_roots()
+    total = _kept_weight_count(spaces, graph, params, {})
+    scores: dict[str, np.ndarray] = {}
+    for node, role, space in spaces.members:
+        root = spaces.find(space)
+        if role == "bn" and root in roots:
+            found = importance[node["name"]].astype(np.float64)
+            scores[root] = scores[root] + found if root in scores else found
+    for root, score in scores.items():
+        cost = total - _kept_weight_count(spaces, graph, params, {root: score.size - 1})
+        scores[root] = score / max(cost, 1)
+    return scores
+
+
 def plan_channels(
-    graph: dict, params: dict[str, np.ndarray], bn_gamma: dict[str, np.ndarray], fraction: float
+    graph: dict,
+    params: dict[str, np.ndarray],
+    bn_gamma: dict[str, np.ndarray],
+    fraction: float,
+    importance: dict[str, np.ndarray] | None = None,
 ) -> ChannelPlan:
-    """Choose channels to remove, least important first across the network (``_channel_scores``),
-    until at least ``fraction`` of all conv and linear weights are gone (each space keeps 10% at
-    least)."""
+    """Choose channels to remove, least important first across the network, until at least
+    ``fraction`` of all conv and linear weights are gone (each space keeps 10% at least).
+    Importance: ``importance`` per BatchNorm node when given, per weight removed
+    (``_taylor_scores``), else ``_channel_scores`` from the weights alone."""
     spaces = analyse(graph, params)
-    scores = _channel_scores(spaces, params, bn_gamma)
+    if importance is None:
+        scores = _channel_scores(spaces, params, bn_gamma)
+    else:
+        scores = _taylor_scores(spaces, graph, params, importance)
     roots = sorted(scores)
     full = {root: scores[root].size for root in roots}
     candidates = []  # (score, root index, channel) for channels that may go

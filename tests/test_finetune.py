@@ -24,6 +24,7 @@ from mbz.finetune import (
     prune_weights,
     reestimate_batchnorm,
     slim,
+    taylor_importance,
 )
 from mbz.fold import fold_batchnorm
 from mbz.format import (
@@ -35,7 +36,12 @@ from mbz.format import (
 )
 from mbz.graph_ops import weight_nodes
 from mbz.pack import quantize_graph
-from mbz.prune import magnitude_masks, prune_zeroed_channels
+from mbz.prune import (
+    batchnorm_keep_masks,
+    magnitude_masks,
+    plan_channels,
+    prune_zeroed_channels,
+)
 from mbz.qat import TrainableGraph, UniformWeight
 from mbz.quantize import step_quantize
 from mbz.runtime import load_program
@@ -318,3 +324,54 @@ def test_qat_keeps_step_codes_in_their_range():
         optimizer.step()
     codes = module.export(stored).qdata
     assert codes.min() == 2 and codes.max() == 6 and module.weight.detach().abs().max() > 3
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(values)).astype(np.float64)
+
+
+def test_taylor_importance_tracks_the_loss_each_channel_costs(data, model):
+    """Each BatchNorm channel's first-order estimate follows the measured rise of the
+    cross-entropy when that channel's gamma and beta are zeroed (rank correlation over a
+    layer's channels); a channel already zeroed scores exactly 0."""
+    model = copy.deepcopy(model)
+    preprocess = {"mean": PackConfig.mean, "std": PackConfig.std}
+    bn = model.get_submodule("features.17.conv.3")
+    with torch.no_grad():
+        bn.weight[0], bn.bias[0] = 0.0, 0.0
+    importance = taylor_importance(model, data, preprocess, "cpu")
+    batchnorms = {n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert set(importance) == batchnorms
+    estimate = importance["features.17.conv.3"]
+    assert estimate[0] == 0.0
+
+    images = preprocess_images(data.images, preprocess, "cpu")
+    labels = torch.from_numpy(data.labels)
+
+    @torch.no_grad()
+    def loss() -> float:
+        return torch.nn.functional.cross_entropy(model(images), labels).item()
+
+    start, measured = loss(), []
+    for channel in range(bn.weight.numel()):
+        kept = bn.weight[channel].item(), bn.bias[channel].item()
+        with torch.no_grad():
+            bn.weight[channel], bn.bias[channel] = 0.0, 0.0
+            measured.append((loss() - start) ** 2)
+            bn.weight[channel], bn.bias[channel] = kept
+    correlation = np.corrcoef(ranks(estimate), ranks(np.array(measured)))[0, 1]
+    assert correlation > 0.8, correlation
+
+
+def test_measured_importance_prunes_the_least_loss_per_weight_first(model):
+    """With ``importance``, channels go in order of importance per weight they remove: the
+    last 1x1 conv's channels (90 weights each) matter twice as much as the first expansion's
+    (25 weights each: its two BatchNorms add up), yet go first, and alone."""
+    captured = capture(model)
+    importance = {name: np.ones_like(g) for name, g in captured.bn_gamma.items()}
+    importance["features.18.1"] = np.full_like(importance["features.18.1"], 4e-6)
+    for name in ("features.2.conv.0.1", "features.2.conv.1.1"):
+        importance[name] = np.full_like(importance[name], 1e-6)
+    plan = plan_channels(captured.graph, captured.params, captured.bn_gamma, 0.02, importance)
+    masks = batchnorm_keep_masks(plan, captured.bn_gamma)
+    assert {name for name, mask in masks.items() if not mask.all()} == {"features.18.1"}

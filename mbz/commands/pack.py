@@ -72,12 +72,15 @@ _PACK_FLAGS: dict[str, Flag] = {
         click.FloatRange(0.0, 1.0, max_open=True),
     ),
     "prune_mode": Flag(
-        "channel (default): remove whole channels with the smallest BatchNorm gamma (network "
-        "slimming); layers become physically smaller, so the file needs no masks and every "
-        "runtime gets faster. weight: remove the smallest weights anywhere (global magnitude), "
-        "stored as a bitmap/CSR mask or, where smaller, as the code that decodes to 0.0; keeps "
-        "more accuracy at the same fraction but saves less and runs no faster. A byte budget "
-        "(--target-ratio/--target-size) may prune any layer further, in either mode.",
+        "channel (default): remove whole channels, those with the smallest BatchNorm gamma "
+        "(times the weights that read them) or, when fine-tuning, those whose zeroing costs "
+        "the least loss per weight removed, measured on training images before each cut "
+        "(network slimming); layers become physically smaller, so the file needs no masks "
+        "and every runtime gets faster. weight: remove the smallest weights anywhere (global "
+        "magnitude), stored as a bitmap/CSR mask or, where smaller, as the code that decodes "
+        "to 0.0; keeps more accuracy at the same fraction but saves less and runs no faster. "
+        "A byte budget (--target-ratio/--target-size) may prune any layer further, in either "
+        "mode.",
         click.Choice(PRUNE_MODES),
     ),
     "symmetric": Flag(
