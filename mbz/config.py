@@ -18,7 +18,8 @@ METHODS = ("kmeans", "uniform")
 PRUNE_MODES = ("channel", "weight")
 # Peak learning rate of each pruning run by --prune-mode, chosen on the held-out split of
 # `mbz pack MODEL --prune 0.36 [--prune-mode weight] --bits conv=4,fc=2 --finetune-epochs 3
-# --finetune-lr LR` (README models). Channel slimming, held-out accuracy of the packed model at
+# --finetune-lr LR` (earlier README models, channels ranked by BatchNorm |gamma|). Channel
+# slimming, held-out accuracy of the packed model at
 # 0.005/0.01/0.02/0.04/0.08: tv 39.1/39.3/44.0/47.7/45.2%, mbz w1 43.0/43.2/45.2/47.4/46.7%.
 # Gradual weight pruning on the folded graph (no BatchNorm left): tv 52.1% at 0.01, 22.4% at 0.04.
 PRUNING_LR = {"channel": 0.04, "weight": 0.01}
