@@ -132,7 +132,8 @@ def prepare_pack(
     if data is None:
         return job
     job.dataset = _checked(load_split(data, "test", data_root=data_root), limit, shape)
-    if config.act_bits or config.budgeted or config.bias_correction:
+    ranks_channels = config.prune > 0 and config.prune_mode == "channel"
+    if config.act_bits or config.budgeted or config.bias_correction or ranks_channels:
         job.calibration = _calibration(data, data_root, config, shape)
     if config.finetuning:
         teacher = loaded.module if config.distill_weight else None  # labels unlabelled images
@@ -222,8 +223,9 @@ def chance_warning(result: PackResult) -> str | None:
 def _calibration(
     data: str, data_root: str | None, config: PackConfig, shape: list[int]
 ) -> Dataset | None:
-    """The calibration images of ``data``'s train split; None when only the bias correction
-    would read them and ``data`` has no train split (the correction is then skipped)."""
+    """The calibration images of ``data``'s train split; None when only the bias correction or
+    the channel ranking would read them and ``data`` has no train split (the correction is
+    then skipped, channels ranked by BatchNorm gamma)."""
     try:
         calibration = load_calibration(data, data_root, config.calib_images)
     except MbzError:

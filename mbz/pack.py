@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from mbz import __version__, budget
 from mbz.calibrate import calibrate
@@ -21,7 +22,7 @@ from mbz.data import Dataset
 from mbz.encodings import METHODS
 from mbz.errors import MbzError
 from mbz.evaluate import Progress, data_fingerprint, evaluate_torch
-from mbz.finetune import Tuning, finetune_quantized, prune_weights, slim
+from mbz.finetune import Tuning, finetune_quantized, prune_weights, slim, taylor_importance
 from mbz.fold import fold_batchnorm
 from mbz.format import DenseTensor, Tensor, encode_mbz, write_mbz
 from mbz.format.encodings import encoding_of
@@ -154,9 +155,10 @@ def compress(
         prune_zeroed_channels(graph, params, gamma)
     elif config.prune_mode == "channel" and config.prune > 0:
         reference = (copy.deepcopy(graph), dict(params))
-        kept = prune_channels(graph, params, gamma, config.prune)
+        preprocess = {"mean": list(config.mean), "std": list(config.std)}
+        importance = _importance(loaded, calibration, preprocess)
+        kept = prune_channels(graph, params, gamma, config.prune, importance)
         if config.bias_correction and calibration is not None:
-            preprocess = {"mean": list(config.mean), "std": list(config.std)}
             restore_statistics(reference, (graph, params), kept, preprocess, calibration.images)
     gains = fold_batchnorm(graph, params)
     masks = {}
@@ -190,6 +192,19 @@ class _Encode:
 
 
 FINETUNE_SLACK = 0.03  # share of a byte budget kept free for the entropy of fine-tuned codes
+
+
+def _importance(
+    loaded: LoadedModel, calibration: Dataset | None, preprocess: dict
+) -> dict[str, np.ndarray] | None:
+    """Channel importance for post-training channel pruning: ``taylor_importance`` on the
+    labelled ``calibration`` images; None (rank by BatchNorm gamma) without them or for a
+    TorchScript model, whose BatchNorm modules are not exposed."""
+    module = loaded.module
+    if calibration is None or not len(calibration) or isinstance(module, torch.jit.ScriptModule):
+        return None
+    device = next(module.parameters()).device
+    return taylor_importance(module, calibration, preprocess, device)
 
 
 def _planned(

@@ -244,13 +244,18 @@ def apply_channels(
 
 
 def prune_channels(
-    graph: dict, params: dict[str, np.ndarray], bn_gamma: dict[str, np.ndarray], fraction: float
+    graph: dict,
+    params: dict[str, np.ndarray],
+    bn_gamma: dict[str, np.ndarray],
+    fraction: float,
+    importance: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Channel pruning in place: rank channels (``_channel_scores``) and remove ``fraction`` of
-    the weights. Returns, per batchnorm whose channels were cut, the indices it kept."""
+    """Channel pruning in place: rank channels (``plan_channels``, by ``importance`` when
+    given) and remove ``fraction`` of the weights. Returns, per batchnorm whose channels were
+    cut, the indices it kept."""
     if fraction <= 0:
         return {}
-    plan = plan_channels(graph, params, bn_gamma, fraction)
+    plan = plan_channels(graph, params, bn_gamma, fraction, importance)
     apply_channels(plan, params, bn_gamma)
     kept = {}
     for node, role, space in plan.spaces.members:

@@ -40,6 +40,7 @@ from mbz.prune import (
     batchnorm_keep_masks,
     magnitude_masks,
     plan_channels,
+    prune_channels,
     prune_zeroed_channels,
 )
 from mbz.qat import TrainableGraph, UniformWeight
@@ -375,3 +376,38 @@ def test_measured_importance_prunes_the_least_loss_per_weight_first(model):
     plan = plan_channels(captured.graph, captured.params, captured.bn_gamma, 0.02, importance)
     masks = batchnorm_keep_masks(plan, captured.bn_gamma)
     assert {name for name, mask in masks.items() if not mask.all()} == {"features.18.1"}
+
+
+def test_post_training_pruning_with_calibration_images_ranks_by_measured_loss(
+    tmp_path, data, model, npz
+):
+    """``mbz pack --prune`` with ``--data`` ranks channels by ``taylor_importance`` on the
+    calibration images (labelled here by the model itself, so that their loss is its own):
+    the file keeps exactly that plan's channels, and on those images the pruned model's loss
+    rises less than with the |gamma| ranking a pack without images uses."""
+    import mbz
+
+    images, preprocess = data.images, {"mean": PackConfig.mean, "std": PackConfig.std}
+    with torch.no_grad():
+        own = model(preprocess_images(images, preprocess, "cpu")).argmax(1).numpy()
+    labelled = tmp_path / "own.npz"
+    np.savez(labelled, x_train=images, y_train=own, x_test=images[:8], y_test=own[:8])
+    mbz.pack(model, tmp_path / "m.mbz", prune=0.36, bits="conv=32,fc=32", data=str(labelled))
+    stored = {name: tuple(t.shape) for name, t in read_mbz(tmp_path / "m.mbz").tensors.items()}
+
+    calibration = Dataset(images, own, CIFAR10_CLASSES, "own")
+    importance = taylor_importance(model, calibration, preprocess, "cpu")
+    losses = {}
+    for ranking in (importance, None):
+        captured = capture(model)
+        graph, params = copy.deepcopy(captured.graph), dict(captured.params)
+        prune_channels(graph, params, dict(captured.bn_gamma), 0.36, ranking)
+        scores = torch.from_numpy(logits(graph, params, images))
+        losses[ranking is None] = torch.nn.functional.cross_entropy(scores, torch.from_numpy(own))
+        if ranking is not None:
+            fold_batchnorm(graph, params)
+            weights = {n["params"]["weight"] for n in weight_nodes(graph)}
+            assert {name: stored[name] for name in weights} == {
+                name: tuple(params[name].shape) for name in weights
+            }
+    assert losses[False] < losses[True]

@@ -72,9 +72,9 @@ _PACK_FLAGS: dict[str, Flag] = {
         click.FloatRange(0.0, 1.0, max_open=True),
     ),
     "prune_mode": Flag(
-        "channel (default): remove whole channels, those with the smallest BatchNorm gamma "
-        "(times the weights that read them) or, when fine-tuning, those whose zeroing costs "
-        "the least loss per weight removed, measured on training images before each cut "
+        "channel (default): remove whole channels, those whose zeroing costs the least loss "
+        "per weight removed, measured on training images (the calibration images, or before "
+        "each cut when fine-tuning; by BatchNorm gamma without a train split in --data) "
         "(network slimming); layers become physically smaller, so the file needs no masks "
         "and every runtime gets faster. weight: remove the smallest weights anywhere (global "
         "magnitude), stored as a bitmap/CSR mask or, where smaller, as the code that decodes "
