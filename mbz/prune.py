@@ -1,4 +1,5 @@
-"""Pruning on the graph IR: BN-gamma channel pruning (network slimming) and weight magnitude.
+"""Pruning on the graph IR: channel pruning (ranked by measured importance or BN gamma) and
+weight magnitude.
 
 Channel pruning removes whole channels, so layers become physically smaller. Channels that must
 stay aligned (a depthwise conv and its input, the operands of a residual add) form one

@@ -379,7 +379,7 @@ def test_measured_importance_prunes_the_least_loss_per_weight_first(model):
 
 
 def test_post_training_pruning_with_calibration_images_ranks_by_measured_loss(
-    tmp_path, data, model, npz
+    tmp_path, data, model
 ):
     """``mbz pack --prune`` with ``--data`` ranks channels by ``taylor_importance`` on the
     calibration images (labelled here by the model itself, so that their loss is its own):
@@ -395,19 +395,22 @@ def test_post_training_pruning_with_calibration_images_ranks_by_measured_loss(
     mbz.pack(model, tmp_path / "m.mbz", prune=0.36, bits="conv=32,fc=32", data=str(labelled))
     stored = {name: tuple(t.shape) for name, t in read_mbz(tmp_path / "m.mbz").tensors.items()}
 
-    calibration = Dataset(images, own, CIFAR10_CLASSES, "own")
-    importance = taylor_importance(model, calibration, preprocess, "cpu")
-    losses = {}
-    for ranking in (importance, None):
+    def pruned(importance: dict | None) -> tuple[dict, dict]:
         captured = capture(model)
         graph, params = copy.deepcopy(captured.graph), dict(captured.params)
-        prune_channels(graph, params, dict(captured.bn_gamma), 0.36, ranking)
+        prune_channels(graph, params, dict(captured.bn_gamma), 0.36, importance)
+        return graph, params
+
+    def loss(graph: dict, params: dict) -> float:
         scores = torch.from_numpy(logits(graph, params, images))
-        losses[ranking is None] = torch.nn.functional.cross_entropy(scores, torch.from_numpy(own))
-        if ranking is not None:
-            fold_batchnorm(graph, params)
-            weights = {n["params"]["weight"] for n in weight_nodes(graph)}
-            assert {name: stored[name] for name in weights} == {
-                name: tuple(params[name].shape) for name in weights
-            }
-    assert losses[False] < losses[True]
+        return torch.nn.functional.cross_entropy(scores, torch.from_numpy(own)).item()
+
+    calibration = Dataset(images, own, CIFAR10_CLASSES, "own")
+    measured = pruned(taylor_importance(model, calibration, preprocess, "cpu"))
+    assert loss(*measured) < loss(*pruned(None))
+    graph, params = measured
+    fold_batchnorm(graph, params)
+    weights = {n["params"]["weight"] for n in weight_nodes(graph)}
+    assert {name: stored[name] for name in weights} == {
+        name: tuple(params[name].shape) for name in weights
+    }
