@@ -47,6 +47,7 @@ SETTINGS = {
     "prune 0.36 channel, target ratio 30": {"prune": 0.36, "target_ratio": 30},
     "uniform, target ratio 20": {**U, "target_ratio": 20},
     "uniform, prune 0.36 channel, target ratio 30": {**U, "prune": 0.36, "target_ratio": 30},
+    "prune auto, target ratio 30": {"prune": "auto", "target_ratio": 30},
 }
 # how each setting is fine-tuned: (label, extra pack options)
 VARIANTS = {
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace, options: dict, distill: float | None, tuned: b
     return {
         "file_bytes": result.file_bytes,
         "ratio": result.ratio,
+        "prune": result.prune,
         "top1": result.accuracy["top1"],
         "float_top1": result.float_accuracy["top1"],
         "drop_points": 100 * (result.float_accuracy["top1"] - result.accuracy["top1"]),

@@ -11,17 +11,25 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from mbz import budget
 from mbz.budget import PROBE_IMAGES
 from mbz.calibrate import activation_points, load_calibration
 from mbz.capture import capture
 from mbz.checkpoint import LoadedModel, load_model
-from mbz.config import ACT_GROUPS, GROUPS, PackConfig, check_selectors, config_from_options
+from mbz.config import (
+    ACT_GROUPS,
+    GROUPS,
+    PRUNE_AUTO,
+    PackConfig,
+    check_selectors,
+    config_from_options,
+)
 from mbz.data import Dataset, check_image_shape, load_split
 from mbz.errors import MbzError
 from mbz.evaluate import Progress, evaluate_torch
@@ -49,6 +57,10 @@ class _Probe:
         graph, params = copy.deepcopy(captured.graph), dict(captured.params)
         fold_batchnorm(graph, params)
         return cls(graph, params)
+
+    def weights(self) -> int:
+        """How many conv and linear weights the model has."""
+        return sum(self.params[n["params"]["weight"]].size for n in weight_nodes(self.graph))
 
     def check(self, config: PackConfig) -> None:
         """SelectorError for a ``--bits``/``--act-bits`` selector matching nothing here."""
@@ -121,12 +133,20 @@ def prepare_pack(
     Raises ValueError for invalid options or combinations, SelectorError for ``bits`` or
     ``act_bits`` selectors that match nothing in the model, MbzError for unusable files.
     """
-    config = config_from_options(**options)
+    auto = options.get("prune") == PRUNE_AUTO
+    config = config_from_options(**({**options, "prune": 0.0} if auto else options))
+    if auto and not config.budgeted:
+        raise ValueError(
+            "--prune auto sizes the pruning to a byte budget: add --target-ratio or "
+            "--target-size, or give a fraction (--prune 0.36)"
+        )
     _check_data_needs(config, data, limit_train)
     output = _output(model, output)
     loaded = _loaded(model, arch, trust_pickle)
     probe = _Probe.of(loaded.module)
     probe.check(config)
+    if auto:
+        config = _auto_pruned(config, loaded.fp32_bytes, probe)
     shape = probe.graph["input_shape"]
     job = PackJob(loaded, config, output, probe)
     if data is None:
@@ -158,7 +178,8 @@ def pack(
     the suffix .mbz, or ``<class name>.mbz`` in the current folder for a module.
 
     Keyword ``options`` are named like ``mbz pack``'s flags (and PackConfig's fields): ``bits``
-    ("conv=4,fc=2" or a dict, overlaid on conv=4,fc=4), ``method``, ``prune``, ``prune_mode``,
+    ("conv=4,fc=2" or a dict, overlaid on conv=4,fc=4), ``method``, ``prune`` (a fraction, or
+    "auto" with a byte budget: ``mbz.budget.auto_prune``), ``prune_mode``,
     ``symmetric``, ``per_channel``, ``huffman``, ``act_bits`` ("8", "relu=4,add=8" or a dict),
     ``calib``, ``calib_images``, ``calib_percentile``, ``mean``, ``std``, ``finetune_epochs``,
     ``finetune_steps``, ``finetune_lr``, ``quantized_lr``, ``distill_weight``, ``temperature``,
@@ -233,6 +254,12 @@ def _calibration(
             raise
         return None
     return _checked(calibration, None, shape)
+
+
+def _auto_pruned(config: PackConfig, fp32_bytes: int, probe: _Probe) -> PackConfig:
+    """``config`` pruning the share ``--prune auto`` gives its byte budget."""
+    target = budget.target_bytes(config, fp32_bytes) or 0
+    return replace(config, prune=budget.auto_prune(target, probe.weights()))
 
 
 def _check_data_needs(config: PackConfig, data: str | None, limit_train: int | None) -> None:

@@ -16,6 +16,7 @@ GROUPS = ("conv", "fc", "dw", "pw", "first")
 DEFAULT_BITS = {"conv": 4, "fc": 4}  # what --bits rules overlay: every conv and linear layer
 METHODS = ("kmeans", "uniform")
 PRUNE_MODES = ("channel", "weight")
+PRUNE_AUTO = "auto"  # --prune auto: the share follows from the byte budget (mbz.budget.auto_prune)
 # Peak learning rate of each pruning run by --prune-mode, chosen on the held-out split of
 # `mbz pack MODEL --prune 0.36 [--prune-mode weight] --bits conv=4,fc=2 --finetune-epochs 3
 # --finetune-lr LR` (earlier README models, channels ranked by BatchNorm |gamma|). Channel

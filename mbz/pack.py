@@ -45,6 +45,7 @@ class PackResult:
     activation_peak_bytes: dict[str, int] | None = None  # per image: float32 vs quantized
     finetune: list[dict] | None = None  # per fine-tuning epoch: stage, loss, accuracies
     float_accuracy: dict | None = None  # the model before compression, on the same images
+    prune: float = 0.0  # the share of conv and linear weights pruned (--prune, auto resolved)
 
     @property
     def ratio(self) -> float:
@@ -72,6 +73,7 @@ class PackResult:
             "activation_peak_bytes": self.activation_peak_bytes,
             "finetune": self.finetune,
             "float_accuracy": self.float_accuracy,
+            "prune": self.prune,
         }
 
 
@@ -383,6 +385,7 @@ def pack(
         peaks,
         history,
         float_accuracy,
+        config.prune,
     )
 
 

@@ -10,13 +10,16 @@ import pytest
 
 import mbz
 from mbz.budget import (
+    AUTO_PRUNE_BITS,
     CANDIDATE_BITS,
     CANDIDATE_SPARSITIES,
     HEADROOM,
+    MAX_AUTO_PRUNE,
     BudgetError,
     Candidate,
     Divergence,
     allocations,
+    auto_prune,
     candidate_codings,
     candidate_masks,
     encoded_candidates,
@@ -101,6 +104,48 @@ def test_an_impossible_budget_names_the_smallest_size_that_works(tmp_path, model
     # the named size is tight: the file is within the headroom kept for late metadata
     assert smallest - 2 * HEADROOM < out.stat().st_size <= smallest
     assert min(layer_bits(out).values()) == 2
+
+
+def test_auto_prune_leaves_the_kept_weights_the_bits_it_aims_at():
+    weights = 10_000
+    enough = weights * AUTO_PRUNE_BITS / 8  # bytes for every weight at the aimed-at bits
+    assert auto_prune(round(enough), weights) == 0.0
+    assert auto_prune(round(4 * enough), weights) == 0.0  # more room: nothing pruned
+    assert auto_prune(round(enough / 2), weights) == pytest.approx(0.5, abs=0.01)
+    assert auto_prune(round(enough / 4), weights) == pytest.approx(0.75, abs=0.01)
+    assert auto_prune(1, weights) == MAX_AUTO_PRUNE
+
+
+@pytest.mark.slow
+def test_prune_auto_reaches_a_ratio_the_unpruned_layers_cannot(tmp_path, model, data):
+    common = ("--data", data, "--calib-images", 32, "--target-ratio", 15)
+    refused = invoke("pack", model, *common, "-o", tmp_path / "a.mbz", expect=1)
+    assert "--prune auto" in refused.output  # the error says what to do
+    out = tmp_path / "b.mbz"
+    packed = invoke("pack", model, *common, "--prune", "auto", "-o", out)
+    share = read_mbz(out).metadata["pack_config"]["prune"]
+    assert 0 < share <= MAX_AUTO_PRUNE
+    assert f"--prune auto: removing {share:.0%}" in packed.output
+    result = json.loads(invoke("pack", model, *common, "--prune", "auto", "-o", out,
+                               "--json").output)
+    assert result["prune"] == share and result["ratio"] >= 15
+    captured, packed_file = capture(narrow_mobilenet()), read_mbz(out)
+
+    def weights(graph: dict, shapes: dict) -> int:
+        return sum(int(np.prod(shapes[n["params"]["weight"]].shape)) for n in weight_nodes(graph))
+
+    before = weights(captured.graph, captured.params)
+    after = weights(packed_file.metadata["graph"], packed_file.tensors)
+    assert after == pytest.approx((1 - share) * before, rel=0.05)  # channels removed
+
+
+def test_prune_auto_needs_a_budget_and_other_words_are_refused(model):
+    refused = invoke("pack", model, "--prune", "auto", expect=2)
+    assert "--target-ratio" in refused.output and "Traceback" not in refused.output
+    refused = invoke("pack", model, "--prune", "most", "--target-ratio", 20, expect=2)
+    assert "neither a number nor 'auto'" in refused.output
+    refused = invoke("pack", model, "--prune", "1.5", expect=2)
+    assert "not in [0, 1)" in refused.output
 
 
 def test_a_budget_needs_data(model):

@@ -9,9 +9,11 @@ from typing import Any
 import click
 
 from mbz.api import chance_warning, prepare_pack
+from mbz.budget import AUTO_PRUNE_BITS, MAX_AUTO_PRUNE
 from mbz.commands.finetune import finetune_progress, finetune_summary
 from mbz.commands.params import (
     Flag,
+    FractionOrType,
     RulesType,
     TripleType,
     data_options,
@@ -25,6 +27,7 @@ from mbz.config import (
     DEFAULT_BITS,
     GROUPS,
     METHODS,
+    PRUNE_AUTO,
     PRUNE_MODES,
     PackConfig,
     SelectorError,
@@ -68,8 +71,13 @@ _PACK_FLAGS: dict[str, Flag] = {
         click.Choice(CODEBOOK_KINDS),
     ),
     "prune": Flag(
-        "Fraction of conv and linear weights to remove.",
-        click.FloatRange(0.0, 1.0, max_open=True),
+        "Fraction of conv and linear weights to remove. auto, with --target-ratio or "
+        f"--target-size: as much as leaves the kept weights {AUTO_PRUNE_BITS:g} bits each on "
+        "average in the budget (0.7 at --target-ratio 30 on a CIFAR-10 MobileNet-v2, none "
+        f"below about 9x), at most {MAX_AUTO_PRUNE:.0%}; with fine-tuning, heavier channel "
+        "pruning at more bits loses less than light pruning at fewer (at 30x, fine-tuned: "
+        "-2.7 points at 0.7, -17.6 at 0.36).",
+        FractionOrType(PRUNE_AUTO),
     ),
     "prune_mode": Flag(
         "channel (default): remove whole channels, those whose zeroing costs the least loss "
@@ -287,6 +295,12 @@ def pack_command(
         raise click.BadParameter(str(error), param_hint=f"'{error.option}'") from None
     except ValueError as error:
         raise click.UsageError(str(error)) from None
+    if options.get("prune") == PRUNE_AUTO and not as_json:
+        click.echo(
+            f"--prune auto: removing {job.config.prune:.0%} of the conv and linear weights, "
+            f"so the rest get about {AUTO_PRUNE_BITS:g} bits each",
+            err=True,
+        )
     with progress_bar(job.images, "packing", enabled=job.images > 0 and not as_json) as update:
         result = job.run(update)
     if as_json:  # float_accuracy.at_chance says what the warning would

@@ -27,6 +27,25 @@ class RulesType(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
+class FractionOrType(click.ParamType):
+    """A fraction in [0, 1), or the word ``word`` (such as ``--prune auto``)."""
+
+    def __init__(self, word: str) -> None:
+        self.word = word
+        self.name = f"FRACTION|{word}"
+
+    def convert(self, value, param, ctx):
+        if value == self.word:
+            return value
+        try:
+            fraction = float(value)
+        except ValueError:
+            self.fail(f"'{value}' is neither a number nor '{self.word}'", param, ctx)
+        if not 0.0 <= fraction < 1.0:
+            self.fail(f"{fraction} is not in [0, 1)", param, ctx)
+        return fraction
+
+
 class TripleType(click.ParamType):
     """Three comma-separated floats, such as a per-channel mean."""
 
