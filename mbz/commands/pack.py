@@ -13,7 +13,7 @@ from mbz.budget import AUTO_PRUNE_BITS, MAX_AUTO_PRUNE
 from mbz.commands.finetune import finetune_progress, finetune_summary
 from mbz.commands.params import (
     Flag,
-    FractionOrType,
+    FractionOrWord,
     RulesType,
     TripleType,
     data_options,
@@ -77,7 +77,7 @@ _PACK_FLAGS: dict[str, Flag] = {
         f"below about 9x), at most {MAX_AUTO_PRUNE:.0%}; with fine-tuning, heavier channel "
         "pruning at more bits loses less than light pruning at fewer (at 30x, fine-tuned: "
         "-2.7 points at 0.7, -17.6 at 0.36).",
-        FractionOrType(PRUNE_AUTO),
+        FractionOrWord(PRUNE_AUTO),
     ),
     "prune_mode": Flag(
         "channel (default): remove whole channels, those whose zeroing costs the least loss "
@@ -276,6 +276,7 @@ def pack_command(
       mbz pack model.pt --prune 0.36 --bits conv=4,fc=2 -o model.mbz
       mbz pack model.pt --bits conv=8,fc=8 --act-bits 8 --data cifar10 -o w8a8.mbz
       mbz pack model.pt --prune 0.36 --data cifar10 --finetune-epochs 2 -o tuned.mbz
+      mbz pack model.pt --target-ratio 30 --prune auto --data cifar10 --finetune-epochs 3
       mbz pack tv_state_dict.pt --arch torchvision --data cifar10
     """
     try:

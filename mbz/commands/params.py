@@ -27,7 +27,7 @@ class RulesType(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
-class FractionOrType(click.ParamType):
+class FractionOrWord(click.ParamType):
     """A fraction in [0, 1), or the word ``word`` (such as ``--prune auto``)."""
 
     def __init__(self, word: str) -> None:
