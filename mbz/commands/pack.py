@@ -73,10 +73,10 @@ _PACK_FLAGS: dict[str, Flag] = {
     "prune": Flag(
         "Fraction of conv and linear weights to remove. auto, with --target-ratio or "
         f"--target-size: as much as leaves the kept weights {AUTO_PRUNE_BITS:g} bits each on "
-        "average in the budget (0.7 at --target-ratio 30 on a CIFAR-10 MobileNet-v2, none "
-        f"below about 9x), at most {MAX_AUTO_PRUNE:.0%}; with fine-tuning, heavier channel "
+        "average in the budget (0.6 at --target-ratio 30 on a CIFAR-10 MobileNet-v2, none "
+        f"below about 12x), at most {MAX_AUTO_PRUNE:.0%}; with fine-tuning, heavier channel "
         "pruning at more bits loses less than light pruning at fewer (at 30x, fine-tuned: "
-        "-2.7 points at 0.7, -17.6 at 0.36).",
+        "-1.4 to -1.9 points at 0.6, -33.5 to -36.7 at 0.36; README).",
         FractionOrWord(PRUNE_AUTO),
     ),
     "prune_mode": Flag(
