@@ -33,9 +33,7 @@ def unpack_bits(data: bytes | memoryview, count: int, bits: int) -> np.ndarray:
     """Unpack ``count`` values of ``bits`` bits; raise MbzFormatError on bad size or pad bits."""
     raw = np.frombuffer(data, np.uint8)
     if raw.size != packed_size(count, bits):
-        raise MbzFormatError(
-            f"{raw.size} bytes cannot hold exactly {count} values of {bits} bits"
-        )
+        raise MbzFormatError(f"{raw.size} bytes cannot hold exactly {count} values of {bits} bits")
     if bits == 8:
         return raw.copy()
     if bits == 4:

@@ -154,9 +154,7 @@ def _with_encoding_fields(desc: Descriptor, obj: dict, where: str) -> Descriptor
     return _replace(desc, bits=bits, entropy=entropy, k=k, axis=axis)
 
 
-def _with_lean_fields(
-    desc: Descriptor, obj: dict, lean: tuple[str, ...], where: str
-) -> Descriptor:
+def _with_lean_fields(desc: Descriptor, obj: dict, lean: tuple[str, ...], where: str) -> Descriptor:
     """The optional keys of lean side information (SPEC.md 3.1), each checked."""
     changes: dict[str, object] = {}
     if SCALE_DTYPE_KEY in lean:

@@ -39,7 +39,6 @@ class BufferPool:
         self._free.setdefault((array.shape, array.dtype), []).append(array)
 
 
-
 def take(pool: BufferPool | None, shape: Shape, dtype: type = F32) -> np.ndarray:
     """An array of ``shape`` from ``pool``, or a fresh one without a pool."""
     return np.empty(shape, dtype=dtype) if pool is None else pool.take(shape, dtype)
@@ -66,7 +65,6 @@ def quantize(
     result = decode(codes, pool, out)
     give(pool, codes.data)
     return result
-
 
 
 @dataclass(frozen=True)

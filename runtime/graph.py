@@ -77,8 +77,11 @@ def analyze(
         shapes[node["output"]] = shape
         macs += _macs(node["op"], inputs[0], shape, weights, attrs)
         if macs > limits.macs:
-            _fail(label, f"the graph needs more than {limits.macs} multiply-accumulates per "
-                  f"image up to here ({raise_hint('macs')})")
+            _fail(
+                label,
+                f"the graph needs more than {limits.macs} multiply-accumulates per "
+                f"image up to here ({raise_hint('macs')})",
+            )
         scratch[index] = _padded_elements(inputs[0], attrs)
     _check_output(graph, shapes)
     cost = GraphCost(macs, _peak_bytes(graph, shapes, scratch))
