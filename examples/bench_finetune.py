@@ -3,20 +3,25 @@ fine-tuned with and without distillation from the float model.
 
 Run: python examples/bench_finetune.py MODEL DATA [--arch cifar --mean .5,.5,.5 --std .25,.25,.25]
      [--epochs 3 | --steps N] [--limit-train N] [--limit N] [--only NAME ...]
-     [--variants post distilled labels] [--output runs/bench_finetune.json]
+     [--variants post distilled labels] [--seeds N] [--output runs/bench_finetune.json]
 (MODEL from `mbz train --data DATA`, or a torchvision-layout state_dict with --arch; DATA such as
 ../shared/data/cifar10-fragment.npz). Each row records the real file bytes, the top-1 accuracy
 on the test split (never trained or selected on), the drop against the float model in points,
 and the minutes the pack took on this machine, and for fine-tuned rows every epoch's held-out
 accuracy (the start's too: the state packed is never worse than it). A budget no candidate
 reaches is a row with the error. Prints a Markdown table and writes --output with the command
-line, machine and every row; a rerun with the same --output skips the rows it holds.
+line, machine and every row; a rerun with the same --output skips the rows it holds. With
+--seeds N each fine-tuned row runs with `--seed` 0 to N-1 (the held-out split, shuffling and
+augmentation change; post-training rows do not depend on it), and a second table gives each
+setting's mean drop and its spread: one run's drop moves by points from seed to seed, more than
+many of the differences between settings.
 """
 
 import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -74,16 +79,20 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="test images")
     parser.add_argument("--only", nargs="*", default=None, help="setting names to run")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per fine-tuned row")
     parser.add_argument("--output", type=Path, default=Path("runs/bench_finetune.json"))
     return parser.parse_args()
 
 
-def run(args: argparse.Namespace, options: dict, distill: float | None, tuned: bool) -> dict:
-    """One pack; its bytes, test top-1, float top-1 and minutes."""
+def run(
+    args: argparse.Namespace, options: dict, distill: float | None, seed: int | None
+) -> dict:
+    """One pack (fine-tuned with ``seed``, post-training when None); its bytes, test top-1,
+    float top-1 and minutes."""
     common = {k: v for k, v in (("mean", args.mean), ("std", args.std)) if v is not None}
-    if tuned:
+    if seed is not None:
         budget = {"finetune_steps": args.steps} if args.steps else {"finetune_epochs": args.epochs}
-        common.update(budget, limit_train=args.limit_train)
+        common.update(budget, limit_train=args.limit_train, seed=seed)
         if distill is not None:
             common["distill_weight"] = distill
     start = time.perf_counter()
@@ -110,12 +119,29 @@ def run(args: argparse.Namespace, options: dict, distill: float | None, tuned: b
 
 def line(row: dict) -> str:
     """``row`` as a line of the Markdown table."""
+    label = row["run"] + (f", seed {row['seed']}" if row.get("seed") else "")
     if "error" in row:
-        return f"| {row['setting']} | {row['run']} | {row['error']} | | | {row['minutes']:.1f} |"
+        return f"| {row['setting']} | {label} | {row['error']} | | | {row['minutes']:.1f} |"
     return (
-        f"| {row['setting']} | {row['run']} | {row['file_bytes']:,} ({row['ratio']:.1f}x) | "
+        f"| {row['setting']} | {label} | {row['file_bytes']:,} ({row['ratio']:.1f}x) | "
         f"{100 * row['top1']:.1f}% | {-row['drop_points']:+.1f} | {row['minutes']:.1f} |"
     )
+
+
+def spread(rows: list[dict]) -> None:
+    """Print each setting and run's mean drop over its seeds, with their standard deviation
+    and range."""
+    print("\n| setting | run | seeds | mean drop | std | range |\n|---|---|---:|---:|---:|---|")
+    groups: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        if "error" not in row:
+            groups.setdefault((row["setting"], row["run"]), []).append(-row["drop_points"])
+    for (setting, label), drops in groups.items():
+        std = statistics.stdev(drops) if len(drops) > 1 else 0.0
+        print(
+            f"| {setting} | {label} | {len(drops)} | {statistics.mean(drops):+.1f} | {std:.1f} | "
+            f"{min(drops):+.1f} to {max(drops):+.1f} |"
+        )
 
 
 def main() -> None:
@@ -129,16 +155,20 @@ def main() -> None:
     for name in names:
         for key in args.variants:
             label, distill = VARIANTS[key]
-            if any((row["setting"], row["run"]) == (name, label) for row in rows):
-                continue
-            row = {"setting": name, "run": label, "options": SETTINGS[name]}
-            row.update(run(args, SETTINGS[name], distill, key != "post"))
-            rows.append(row)
-            print(line(row), flush=True)
-            args.output.write_text(json.dumps({
-                "command": sys.argv, "machine": platform.platform(), "cpus": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(), "rows": rows,
-            }, indent=2))
+            for seed in [None] if key == "post" else range(args.seeds):
+                done = {(row["setting"], row["run"], row.get("seed")) for row in rows}
+                if (name, label, seed) in done:
+                    continue
+                row = {"setting": name, "run": label, "seed": seed, "options": SETTINGS[name]}
+                row.update(run(args, SETTINGS[name], distill, seed))
+                rows.append(row)
+                print(line(row), flush=True)
+                args.output.write_text(json.dumps({
+                    "command": sys.argv, "machine": platform.platform(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "rows": rows,
+                }, indent=2))
+    if args.seeds > 1:
+        spread(rows)
 
 
 if __name__ == "__main__":
