@@ -117,6 +117,11 @@ def run(
     }
 
 
+def seed_of(row: dict) -> int | None:
+    """The fine-tuning seed of ``row``; rows written before --seeds were all fine-tuned with 0."""
+    return row.get("seed", None if row["run"] == VARIANTS["post"][0] else 0)
+
+
 def line(row: dict) -> str:
     """``row`` as a line of the Markdown table."""
     label = row["run"] + (f", seed {row['seed']}" if row.get("seed") else "")
@@ -156,7 +161,7 @@ def main() -> None:
         for key in args.variants:
             label, distill = VARIANTS[key]
             for seed in [None] if key == "post" else range(args.seeds):
-                done = {(row["setting"], row["run"], row.get("seed")) for row in rows}
+                done = {(row["setting"], row["run"], seed_of(row)) for row in rows}
                 if (name, label, seed) in done:
                     continue
                 row = {"setting": name, "run": label, "seed": seed, "options": SETTINGS[name]}
