@@ -76,7 +76,7 @@ _PACK_FLAGS: dict[str, Flag] = {
         "average in the budget (0.6 at --target-ratio 30 on a CIFAR-10 MobileNet-v2, none "
         f"below about 12x), at most {MAX_AUTO_PRUNE:.0%}; with fine-tuning, heavier channel "
         "pruning at more bits loses less than light pruning at fewer (at 30x, fine-tuned: "
-        "-1.6 and -3.4 points on average over 5-6 seeds of two models at 0.59-0.6, -33.5 "
+        "-1.6 and -3.4 points on average over 5-6 runs of two models at 0.59-0.6, -33.5 "
         "to -36.7 at 0.36; README).",
         FractionOrWord(PRUNE_AUTO),
     ),
