@@ -12,7 +12,7 @@ from torch import nn
 
 from mbz.config import PackConfig
 from mbz.data import CIFAR10_CLASSES, Dataset
-from mbz.finetune import Tuning, planned_runs
+from mbz.finetune import BATCH_SIZE, Tuning, planned_runs
 from mbz.torch_graph import preprocess_images
 from mbz.train_distill import Distillation, distillation_loss
 from mbz.train_recipe import Recipe
@@ -35,6 +35,11 @@ def random_images(count: int, seed: int) -> Dataset:
     images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, count).astype(np.int64)
     return Dataset(images, labels, CIFAR10_CLASSES, "random")
+
+
+def four_batches() -> Dataset:
+    """Random images that leave 4 fine-tuning steps per epoch after a 0.1 validation split."""
+    return random_images(round(4 * BATCH_SIZE / 0.9), 3)
 
 
 def kl_to(teacher: nn.Module, student: nn.Module, data: Dataset) -> float:
@@ -98,7 +103,7 @@ def test_the_start_is_kept_when_no_epoch_beats_it():
     ({"finetune_epochs": 0.5}, 2), ({"finetune_epochs": 1.5}, 6), ({"finetune_steps": 3}, 3),
 ])
 def test_fractions_of_an_epoch_and_step_budgets(fields, steps):
-    data = random_images(512 + 57, 3)  # 512 to train on: 4 steps of 128 per epoch
+    data = four_batches()
     tuning = Tuning.of(data, PackConfig(val_fraction=0.1, **fields), torch.device("cpu"))
     seen = []
     tuning = dataclasses.replace(tuning, on_step=lambda report: seen.append(report.steps))
@@ -118,12 +123,19 @@ def test_fractions_of_an_epoch_and_step_budgets(fields, steps):
     ({"bits": {"conv": 32, "fc": 32}, "default_bits": 32, "target_ratio": 10}, 1),
 ])
 def test_the_budget_is_shared_by_the_runs_of_the_command(fields, runs):
-    data = random_images(512 + 57, 3)  # 4 steps of 128 per epoch
+    data = four_batches()
     config = PackConfig(val_fraction=0.1, finetune_steps=12, **fields)
     assert planned_runs(config) == runs
-    assert Tuning.of(data, config, torch.device("cpu")).steps() == 12 // runs
     epochs = dataclasses.replace(config, finetune_steps=0, finetune_epochs=3)
-    assert Tuning.of(data, epochs, torch.device("cpu")).steps() == 12 // runs
+    for budget in (config, epochs):
+        tuning = Tuning.of(data, budget, torch.device("cpu"))
+        steps = []
+        for run in range(runs):
+            steps.append(tuning.steps())
+            tuning.fit(tiny_net(run), f"run {run}", 0.0)
+        assert sum(steps) == 12
+        assert steps == sorted(steps) and (runs == 1 or steps[-1] > steps[0])
+        assert len({row["stage"] for row in tuning.history}) == runs
 
 
 @pytest.mark.slow

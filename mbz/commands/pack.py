@@ -75,9 +75,9 @@ _PACK_FLAGS: dict[str, Flag] = {
         f"--target-size: as much as leaves the kept weights {AUTO_PRUNE_BITS:g} bits each on "
         "average in the budget (0.6 at --target-ratio 30 on a CIFAR-10 MobileNet-v2, none "
         f"below about 12x), at most {MAX_AUTO_PRUNE:.0%}; with fine-tuning, heavier channel "
-        "pruning at more bits loses less than light pruning at fewer (at 30x, fine-tuned: "
-        "-1.6 and -3.4 points on average over 5-6 runs of two models at 0.59-0.6, -33.5 "
-        "to -36.7 at 0.36; README).",
+        "pruning at more bits loses less than light pruning at fewer (at 30x, fine-tuned "
+        "three epochs: -0.2 and -0.8 points of test top-1 on average over three runs of two "
+        "models at 0.59; -33.5 to -36.7 at 0.36 with batches of 128; README).",
         FractionOrWord(PRUNE_AUTO),
     ),
     "prune_mode": Flag(
@@ -156,7 +156,8 @@ _PACK_FLAGS: dict[str, Flag] = {
     ),
     "finetune_epochs": Flag(
         "Fine-tune on --data's train split for this many epochs in all (fractions such as "
-        "0.5 allowed), shared equally by one run after each compression step: channel "
+        "0.5 allowed), shared by one run after each compression step (run k of n gets "
+        "k/(1+...+n) of it, the quantized model's run the most): channel "
         "pruning in --prune-steps rounds (network slimming, BatchNorm statistics re-estimated "
         "after each cut), weight pruning gradually (cubic schedule), then the quantized model "
         "(k-means QAT: centroids and which centroid each weight takes; uniform QAT with "
@@ -166,7 +167,7 @@ _PACK_FLAGS: dict[str, Flag] = {
         click.FloatRange(min=0),
     ),
     "finetune_steps": Flag(
-        "Fine-tune for this many optimizer steps (batches of 128) in all instead of "
+        "Fine-tune for this many optimizer steps (batches of 64) in all instead of "
         "--finetune-epochs, shared the same way.",
         click.IntRange(min=0),
     ),
