@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from mbz.commands.finetune import finetune_summary
 from mbz.config import PackConfig
 from mbz.data import CIFAR10_CLASSES, Dataset
 from mbz.finetune import BATCH_SIZE, Tuning, planned_runs
@@ -154,3 +155,19 @@ def test_unlabelled_images_are_labelled_by_the_float_model(tmp_path):
     failed = invoke("pack", model_file, "--finetune-steps", 1, "--distill-weight", 0, "--data",
                     npz, "-o", tmp_path / "m.mbz", expect=1)
     assert "y_train" in failed.output
+
+
+@pytest.mark.parametrize(("val_accuracies", "said"), [
+    ((0.5, 0.4), "the start kept: its epoch did not beat it"),
+    ((0.5, 0.4, 0.45), "the start kept: none of its 2 epochs beat it"),
+    ((0.4, 0.3, 0.5), "epoch 2 of 2 kept"),
+])
+def test_the_summary_says_which_state_each_stage_kept(val_accuracies, said):
+    best = max(range(len(val_accuracies)), key=val_accuracies.__getitem__)
+    history = [
+        {"stage": "QAT", "epoch": epoch, "train_loss": None if epoch == 0 else 0.5,
+         "val_accuracy": accuracy, "packed": epoch == best}
+        for epoch, accuracy in enumerate(val_accuracies)
+    ]
+    accuracy = f"{100 * max(val_accuracies):.2f}%"
+    assert finetune_summary(history) == f"fine-tuned QAT: held-out accuracy {accuracy} ({said})"

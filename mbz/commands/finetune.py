@@ -41,8 +41,9 @@ def finetune_summary(history: list[dict]) -> str:
         rows = [row for row in history if row["stage"] == stage]
         kept = next(row for row in rows if row["packed"])
         trained = sum(row["train_loss"] is not None for row in rows)
+        beaten = "its epoch did not" if trained == 1 else f"none of its {trained} epochs"
         which = (
-            f"the start kept: none of {trained} epochs beat it"
+            f"the start kept: {beaten} beat it"
             if kept["train_loss"] is None
             else f"epoch {kept['epoch']} of {trained} kept"
         )
