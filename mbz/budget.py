@@ -61,8 +61,8 @@ PROBE_IMAGES = 64  # calibration images each layer's measured output change is a
 PROBE_BITS = (2, 4)  # the widths at which each layer's sensitivity is measured, not estimated
 # --prune auto: the bits each kept weight gets on average. Chosen on 407 images neither model
 # nor fine-tuning saw (both trained on the other 3,661 of the fragment): at 30x, fine-tuned 3
-# epochs, mean held-out top-1 of a torchvision-layout and an mbz model 39.2% at 2.1 bits
-# (--prune 0.5), 40.5% at 2.7 (0.6), 39.6% at 3.5 (0.7)
+# epochs in batches of 128, mean held-out top-1 of a torchvision-layout and an mbz model 39.2%
+# at 2.1 bits (--prune 0.5), 40.5% at 2.7 (0.6), 39.6% at 3.5 (0.7)
 AUTO_PRUNE_BITS = 2.7
 MAX_AUTO_PRUNE = 0.9  # --prune auto never removes more than this share of the weights
 
