@@ -51,8 +51,8 @@ from mbz.training import FitResult, Objective, StepReport, evaluate_model, fit, 
 
 # Images per fine-tuning step. Three epochs of the 3,295 images that README's "20-30x" packs
 # fine-tune on are 78 steps at 128, 156 at 64; there, at 64 (and with the later runs getting
-# more steps, ``Tuning.steps``), two models lost 1.2 and -0.5 points of held-out top-1 at 30x
-# on average over three seeds, against 5.7 and 1.7 at 128 with equal shares
+# more steps, ``Tuning.steps``), 30x packs of two models changed held-out top-1 by -1.2 and
+# +0.5 points on average over three seeds, against -5.7 and -1.7 at 128 with equal shares
 BATCH_SIZE = 64
 PRUNING_WEIGHT_DECAY = 5e-4  # as in training; fine-tuning quantized weights uses none
 GMP_END = 0.75  # gradual magnitude pruning reaches its target after this share of the steps
