@@ -171,3 +171,18 @@ def test_the_summary_says_which_state_each_stage_kept(val_accuracies, said):
     ]
     accuracy = f"{100 * max(val_accuracies):.2f}%"
     assert finetune_summary(history) == f"fine-tuned QAT: held-out accuracy {accuracy} ({said})"
+
+
+@pytest.mark.parametrize(("epochs", "said"), [
+    (1, "the start kept: its epoch did not beat it"),
+    (2, "the start kept: none of its 2 epochs beat it"),
+])
+def test_the_summary_of_a_real_run_says_the_start_was_kept(epochs, said):
+    data = random_images(2 * BATCH_SIZE, 2)
+    teacher = tiny_net(4).eval()
+    labelled = dataclasses.replace(data, labels=evaluate_model(teacher, data)[2])
+    config = PackConfig(finetune_epochs=epochs)
+    tuning = Tuning(labelled, labelled, config, torch.device("cpu"))
+    tuning.fit(copy.deepcopy(teacher), "QAT", 0.0, lr=5.0)  # lr 5 destroys the model
+    assert [row["packed"] for row in tuning.history] == [True] + [False] * epochs
+    assert finetune_summary(tuning.history) == f"fine-tuned QAT: held-out accuracy 100.00% ({said})"
